@@ -1,0 +1,202 @@
+"""MaMe (matrix-based token merging) and MaRe (restoration) as pure tensor ops.
+
+Everything here takes and returns tensors; nothing knows about models. The
+static step uses matrix products, element-wise ops, reductions and gathers
+with *constant* index lists only, so it traces to a static ONNX graph.
+
+Shapes: ``x`` (B, N, C) mergeable tokens, ``metric`` (B, N, Ck), ``sizes``
+(B, N, 1). The partition is fixed by ``(N, n_keep)``: ``n_keep`` targets stay,
+``N - n_keep`` sources are spread evenly over the sequence and merged away.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Partition",
+    "partition",
+    "mame_weights",
+    "mame_merge",
+    "mame_step",
+    "mare_restore",
+    "mame_step_adaptive",
+]
+
+# Weights and sizes are computed in float32 whatever the token dtype: the
+# normalisations divide by sums that can be tiny, which fp16 cannot hold.
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Constant split of N tokens into targets (kept) and sources (merged away).
+
+    ``targets``/``sources`` are index lists into the N tokens, both ascending;
+    ``inverse`` puts ``cat([targets, sources])`` back into the original order.
+    """
+
+    n: int
+    n_keep: int
+    targets: torch.Tensor
+    sources: torch.Tensor
+    inverse: torch.Tensor
+
+    @property
+    def n_sources(self) -> int:
+        return self.n - self.n_keep
+
+
+def _source_positions(n: int, n_src: int) -> list[int]:
+    # Evenly spread: the centre of each of n_src equal slices of [0, n).
+    return [int((j + 0.5) * n / n_src) for j in range(n_src)]
+
+
+@functools.lru_cache(maxsize=512)
+def _partition_cached(n: int, n_keep: int, device: str) -> Partition:
+    n_src = n - n_keep
+    src = _source_positions(n, n_src) if n_src > 0 else []
+    src_set = set(src)
+    tgt = [i for i in range(n) if i not in src_set]
+    order = tgt + src
+    inverse = [0] * n
+    for pos, idx in enumerate(order):
+        inverse[idx] = pos
+    as_t = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    return Partition(n, n_keep, as_t(tgt), as_t(src), as_t(inverse))
+
+
+def partition(n: int, n_keep: int, device: torch.device | str = "cpu") -> Partition:
+    """The constant partition for ``n`` tokens keeping ``n_keep``; cached.
+
+    Depends on ``(n, n_keep)`` only, never on data, and is computed once per
+    (n, n_keep, device) and reused by every forward.
+    """
+    if not 0 < n_keep <= n:
+        raise ValueError(f"n_keep must be in [1, n]; got n={n}, n_keep={n_keep}")
+    return _partition_cached(int(n), int(n_keep), str(torch.device(device)))
+
+
+def _normalize_columns(w: torch.Tensor) -> torch.Tensor:
+    return w / (w.sum(dim=-2, keepdim=True) + _EPS)
+
+
+def mame_weights(
+    metric_targets: torch.Tensor, metric_sources: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """The merge weight matrix W, shape (B, Nt, Ns), computed in float32.
+
+    Cosine similarity, shifted threshold ``relu(S - tau)``, column
+    normalisation, refinement (keep weights >= the mean of a column's non-zero
+    weights), and a fallback for distinctive sources (all-zero columns) onto
+    their most similar target(s). Every column sums to 1.
+    """
+    kt = F.normalize(metric_targets.float(), dim=-1, eps=_EPS)
+    ks = F.normalize(metric_sources.float(), dim=-1, eps=_EPS)
+    sim = kt @ ks.transpose(-1, -2)  # (B, Nt, Ns)
+
+    w = _normalize_columns(F.relu(sim - tau))
+    nonzero = (w > 0).float()
+    zeta = w.sum(dim=-2, keepdim=True) / (nonzero.sum(dim=-2, keepdim=True) + _EPS)
+    w = _normalize_columns(w * (w >= zeta).float() * nonzero)
+
+    # Distinctive sources: no target passed the threshold. Fall back to the
+    # best target(s) by an equality with a reduce-max (no ArgMax).
+    best = (sim == sim.amax(dim=-2, keepdim=True)).float()
+    fallback = _normalize_columns(best)
+    linked = (w.sum(dim=-2, keepdim=True) > 0.5).float()
+    return linked * w + (1.0 - linked) * fallback
+
+
+def mame_merge(
+    x: torch.Tensor, sizes: torch.Tensor, weights: torch.Tensor, part: Partition
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted, mass-preserving merge of sources into targets.
+
+    ``x_t' = (s_t x_t + W (s_s x_s)) / (s_t + W s_s)``, ``s_t' = s_t + W s_s``.
+    Returns the ``n_keep`` merged targets (in order) and their float32 sizes.
+    """
+    x_t, x_s = x.index_select(1, part.targets), x.index_select(1, part.sources)
+    s = sizes.float()
+    s_t, s_s = s.index_select(1, part.targets), s.index_select(1, part.sources)
+    new_sizes = s_t + weights @ s_s  # (B, Nt, 1)
+    # Mix with normalised coefficients so no large intermediate s * x exists.
+    coef_t = (s_t / new_sizes).to(x.dtype)
+    coef_s = (weights * s_s.transpose(-1, -2) / new_sizes).to(x.dtype)
+    return coef_t * x_t + coef_s @ x_s, new_sizes
+
+
+def mame_step(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    sizes: torch.Tensor,
+    n_keep: int,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Partition]:
+    """One static MaMe step over all of ``x``'s tokens.
+
+    Returns ``(merged x, merged sizes, W, partition)``; W and the partition are
+    what :func:`mare_restore` needs to put every position back.
+    """
+    n = x.shape[1]
+    part = partition(n, n_keep, x.device)
+    if part.n_sources == 0:
+        return x, sizes.float(), x.new_zeros(x.shape[0], n, 0, dtype=torch.float32), part
+    w = mame_weights(
+        metric.index_select(1, part.targets), metric.index_select(1, part.sources), tau
+    )
+    merged, new_sizes = mame_merge(x, sizes, w, part)
+    return merged, new_sizes, w, part
+
+
+def mare_restore(y: torch.Tensor, weights: torch.Tensor, part: Partition) -> torch.Tensor:
+    """MaRe: invert a MaMe step, restoring all N positions from ``n_keep`` targets.
+
+    Targets take their merged values, source j becomes ``sum_i W_ij y_i`` (a
+    convex combination, since W's columns sum to 1), and the constant inverse
+    permutation puts tokens back in place.
+    """
+    if part.n_sources == 0:
+        return y
+    sources = weights.transpose(-1, -2).to(y.dtype) @ y
+    return torch.cat([y, sources], dim=1).index_select(1, part.inverse)
+
+
+def mame_step_adaptive(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    sizes: torch.Tensor,
+    n_keep: int,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MaMe as in the paper: distinctive sources are retained (eager only).
+
+    A source whose thresholded column is all zero in *any* sample of the batch
+    (union over the batch) is kept as a token of its own, so the output count
+    is ``n_keep + #retained`` and depends on the data. Not exportable to a
+    static graph; use :func:`mame_step` for export.
+    """
+    n = x.shape[1]
+    part = partition(n, n_keep, x.device)
+    if part.n_sources == 0:
+        return x, sizes.float()
+    kt = F.normalize(metric.index_select(1, part.targets).float(), dim=-1, eps=_EPS)
+    ks = F.normalize(metric.index_select(1, part.sources).float(), dim=-1, eps=_EPS)
+    linked_any = (F.relu(kt @ ks.transpose(-1, -2) - tau).sum(dim=-2) > 0)  # (B, Ns)
+    retained = ~linked_any.all(dim=0)  # (Ns,) distinctive in some sample
+    if not bool(retained.any()):
+        merged, new_sizes, _, _ = mame_step(x, metric, sizes, n_keep, tau)
+        return merged, new_sizes
+    keep_idx = torch.cat([part.targets, part.sources[retained]]).sort().values
+    merge_idx = part.sources[~retained]
+    s = sizes.float()
+    if merge_idx.numel() == 0:
+        return x.index_select(1, keep_idx), s.index_select(1, keep_idx)
+    w = mame_weights(metric.index_select(1, keep_idx), metric.index_select(1, merge_idx), tau)
+    # Reuse the static merge with an ad-hoc partition over the kept/merged lists.
+    adhoc = Partition(n, int(keep_idx.numel()), keep_idx, merge_idx, keep_idx)
+    return mame_merge(x, s, w, adhoc)

@@ -1,0 +1,321 @@
+"""MaMe for timm's VisionTransformer family (ViT, DeiT incl. distilled, SigLIP/SigLIP2,
+register-token ViTs, no-class-token and average/MAP-pooled variants).
+
+The patch swaps the classes of the model, its blocks and their attention for
+thin subclasses, so weights, ``state_dict`` keys and ``isinstance`` checks are
+untouched. Token sizes flow between blocks as an explicit argument; the merge
+plan lives on the model and is never changed by a forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mame_export.ops import mame_step, mame_step_adaptive
+from mame_export.plan import (
+    BlockPlan,
+    MergePlan,
+    default_merge_layers,
+    token_schedule,
+)
+
+FAMILY = "timm-vit"
+_SIZE_POOLS = ("avg", "avgmax")
+_PLAIN_POOLS = ("token", "max", "")
+
+
+def matches(model: nn.Module) -> bool:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return isinstance(model, VisionTransformer)
+
+
+def _log_size_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, N, 1) sizes -> (B, 1, 1, N) additive attention bias, or None."""
+    if size is None:
+        return None
+    return size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+
+
+class _MaMeAttention:
+    """Mixin for timm ``Attention``: adds a key-size bias and returns the merge metric."""
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                attn = attn + bias
+            out = self.attn_drop(attn.softmax(dim=-1)) @ v
+        out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out)), k.mean(dim=1)
+
+
+class _MaMeBlock:
+    """Mixin for timm ``Block``: attention, then (maybe) MaMe, then the MLP."""
+
+    _mame_protected: int
+    _mame_keep_ratio: float
+    _mame_cfg: dict[str, Any]
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, size: torch.Tensor | None, n_keep: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cfg = self._mame_cfg
+        bias = _log_size_bias(size, x.dtype) if cfg["prop_attn"] else None
+        attn_out, metric = self.attn(self.norm1(x), bias)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        if n_keep is not None:
+            x, size = self._merge(x, size, metric, n_keep)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, size
+
+    def _merge(
+        self, x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, n_keep: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        p, cfg = self._mame_protected, self._mame_cfg
+        B, N, _ = x.shape
+        if size is None:
+            size = x.new_ones(B, N, 1, dtype=torch.float32)
+        x_m, s_m, k_m = x[:, p:], size[:, p:], metric[:, p:]
+        if cfg["mode"] == "adaptive":
+            n_keep = max(1, round((N - p) * self._mame_keep_ratio))
+            merged, s_new = mame_step_adaptive(x_m, k_m, s_m, n_keep, cfg["tau"])
+        else:
+            merged, s_new, _, _ = mame_step(x_m, k_m, s_m, n_keep, cfg["tau"])
+        if p == 0:
+            return merged, s_new
+        return torch.cat([x[:, :p], merged], dim=1), torch.cat([size[:, :p], s_new], dim=1)
+
+
+class _MaMeVisionTransformer:
+    """Mixin for timm ``VisionTransformer``: explicit token sizes through blocks and pooling."""
+
+    _mame_plan: MergePlan
+
+    def _mame_schedule(self, num_patches: int) -> list[int | None]:
+        plan = self._mame_plan
+        return _schedule(num_patches, plan.r, tuple(plan.merge_layers), len(self.blocks))
+
+    def _mame_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        size = None
+        schedule = self._mame_schedule(x.shape[1] - self.num_prefix_tokens)
+        for blk, n_keep in zip(self.blocks, schedule):
+            x, size = blk(x, size, n_keep)
+        return self.norm(x), size
+
+    def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or any(v is not None and v is not False for v in kwargs.values()):
+            raise NotImplementedError("MaMe-patched ViTs take no attention mask or causal flag")
+        return self._mame_features(x)[0]
+
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "forward_intermediates is not supported on a MaMe-patched model; "
+            "use forward() or forward_features()"
+        )
+
+    def _mame_pool(self, x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+        p = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        if self.attn_pool is not None:
+            bias = _log_size_bias(size[:, p:], x.dtype) if size is not None else None
+            if not self._mame_plan.prop_attn:
+                bias = None
+            return self.attn_pool(x[:, p:], attn_mask=bias)
+        tokens = x[:, p:]
+        if size is None:
+            avg = tokens.mean(dim=1)
+        else:
+            s = size[:, p:].to(x.dtype)
+            avg = (tokens * s).sum(dim=1) / s.sum(dim=1)
+        if self.global_pool == "avg":
+            return avg
+        return 0.5 * (tokens.amax(dim=1) + avg)  # avgmax
+
+    def forward_head(  # type: ignore[override]
+        self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.attn_pool is None and self.global_pool in _PLAIN_POOLS:
+            return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
+        x = self.fc_norm(self._mame_pool(x, size))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        if args or any(v is not None and v is not False for v in kwargs.values()):
+            raise NotImplementedError("MaMe-patched ViTs take no attention mask or causal flag")
+        x, size = self._mame_features(x)
+        return self.forward_head(x, size=size)
+
+
+@functools.lru_cache(maxsize=256)
+def _schedule(
+    num_patches: int, r: float, merge_layers: tuple[int, ...], depth: int
+) -> list[int | None]:
+    """Per block: mergeable tokens to keep, or None where the block does not merge."""
+    out = token_schedule(num_patches, r, list(merge_layers), depth)
+    prev = [num_patches] + out[:-1]
+    return [n if n < n_prev else None for n, n_prev in zip(out, prev)]
+
+
+@functools.lru_cache(maxsize=None)
+def _subclass(mixin: type, base: type) -> type:
+    return type(f"MaMe{base.__name__}", (mixin, base), {})
+
+
+def _check_supported(model: nn.Module) -> None:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
+    for i, blk in enumerate(model.blocks):
+        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
+            raise ValueError(
+                f"block {i} is {type(blk).__name__} with {type(blk.attn).__name__}; MaMe "
+                "supports timm ViTs built from the standard Block and Attention only"
+            )
+    pool = getattr(model, "global_pool", "")
+    if model.attn_pool is None and pool not in _SIZE_POOLS + _PLAIN_POOLS:
+        raise ValueError(f"global_pool={pool!r} is not supported (supported: avg, avgmax, "
+                         "token, max, map, none)")
+
+
+def _linear_macs(module: nn.Module) -> int:
+    """MACs per token of every Linear in ``module``."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _macs(model: nn.Module, blocks: list[BlockPlan], merge_cost: bool) -> int:
+    """Analytic MACs of matrix products (linear layers, attention, merge) at batch 1."""
+    p = model.num_prefix_tokens
+    n_patches = blocks[0].tokens_in - p
+    macs = model.patch_embed.proj.weight.numel() * n_patches
+    for blk, bp in zip(model.blocks, blocks):
+        attn, n = blk.attn, bp.tokens_in
+        macs += _linear_macs(attn) * n + 2 * n * n * attn.attn_dim
+        macs += _linear_macs(blk.mlp) * bp.tokens_out
+        if merge_cost and bp.merges:
+            n_t, n_s = bp.tokens_out - p, bp.tokens_in - bp.tokens_out
+            macs += n_t * n_s * (attn.head_dim + model.embed_dim + 1)
+    n_final = blocks[-1].tokens_out
+    if model.attn_pool is not None:
+        ap = model.attn_pool
+        n_pool = n_final if model.pool_include_prefix else n_final - p
+        macs += ap.kv.weight.numel() * n_pool + ap.q.weight.numel() * ap.latent_len
+        macs += 2 * ap.latent_len * n_pool * ap.kv.weight.shape[0] // 2
+        macs += (ap.proj.weight.numel() + (_linear_macs(ap.mlp) if ap.mlp is not None else 0)) * ap.latent_len
+    macs += _linear_macs(model.head) + sum(
+        _linear_macs(m) for name, m in model.named_children() if name == "head_dist"
+    )
+    return int(macs)
+
+
+def _block_plans(model: nn.Module, num_patches: int, r: float, layers: list[int]) -> list[BlockPlan]:
+    p = model.num_prefix_tokens
+    sched = _schedule(num_patches, r, tuple(layers), len(model.blocks))
+    plans, n = [], num_patches
+    for i, n_keep in enumerate(sched):
+        n_out = n if n_keep is None else n_keep
+        plans.append(BlockPlan(i, n + p, n_out + p, n_keep is not None))
+        n = n_out
+    return plans
+
+
+def _num_patches(model: nn.Module, img_size: int | tuple[int, int] | None) -> int:
+    if img_size is None:
+        return int(model.patch_embed.num_patches)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    ph, pw = model.patch_embed.patch_size
+    return (h // ph) * (w // pw)
+
+
+def build_plan(
+    model: nn.Module,
+    r: float,
+    tau: float,
+    layers: list[int] | None,
+    prop_attn: bool,
+    mode: str,
+    img_size: int | tuple[int, int] | None = None,
+) -> MergePlan:
+    """The merge plan of ``model`` (patched or not) for the given settings."""
+    depth = len(model.blocks)
+    layers = default_merge_layers(depth) if layers is None else sorted(set(layers))
+    bad = [i for i in layers if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a model with {depth} blocks")
+    n0 = _num_patches(model, img_size)
+    blocks = _block_plans(model, n0, r, layers)
+    unpatched = _block_plans(model, n0, 0.0, [])
+    notes = []
+    if mode == "adaptive":
+        notes.append("adaptive mode: token counts shown are the static floor; retained "
+                     "distinctive sources add to them at run time")
+    return MergePlan(
+        family=FAMILY,
+        r=float(r),
+        tau=float(tau),
+        mode=mode,
+        prop_attn=prop_attn,
+        num_patches=n0,
+        num_protected=model.num_prefix_tokens,
+        blocks=tuple(blocks),
+        macs=_macs(model, blocks, merge_cost=True),
+        macs_unpatched=_macs(model, unpatched, merge_cost=False),
+        notes=tuple(notes),
+    )
+
+
+def apply(
+    model: nn.Module,
+    r: float,
+    *,
+    tau: float,
+    layers: list[int] | None,
+    prop_attn: bool,
+    mode: str,
+) -> nn.Module:
+    """Patch a timm VisionTransformer in place (idempotent: re-applying replaces the plan)."""
+    _check_supported(model)
+    plan = build_plan(model, r, tau, layers, prop_attn, mode)
+    cfg = {"prop_attn": prop_attn, "tau": float(tau), "mode": mode}
+    for blk, bp in zip(model.blocks, plan.blocks):
+        base_blk = _unpatched_class(blk)
+        base_attn = _unpatched_class(blk.attn)
+        blk.__class__ = _subclass(_MaMeBlock, base_blk)
+        blk.attn.__class__ = _subclass(_MaMeAttention, base_attn)
+        blk._mame_protected = model.num_prefix_tokens
+        blk._mame_cfg = cfg
+        blk._mame_keep_ratio = (bp.tokens_out - plan.num_protected) / (
+            bp.tokens_in - plan.num_protected
+        )
+    model.__class__ = _subclass(_MaMeVisionTransformer, _unpatched_class(model))
+    model._mame_plan = plan
+    return model
+
+
+def _unpatched_class(module: nn.Module) -> type:
+    cls = type(module)
+    return cls.__bases__[1] if cls.__name__.startswith("MaMe") and len(cls.__bases__) == 2 else cls

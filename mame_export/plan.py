@@ -1,0 +1,130 @@
+"""The merge plan: decided once at ``apply`` time, stored on the model, read-only after.
+
+A plan says how many tokens enter and leave each block and what that costs
+(MACs of the patched vs. the unpatched model). The forward pass reads it and
+never changes it, so a traced graph is fully determined by the plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """One block: tokens in and out (protected tokens included)."""
+
+    index: int
+    tokens_in: int
+    tokens_out: int
+    merges: bool
+
+    @property
+    def keep_ratio(self) -> float:
+        return self.tokens_out / self.tokens_in
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Tokens per block and MACs, for one model at one input size."""
+
+    family: str
+    r: float
+    tau: float
+    mode: str
+    prop_attn: bool
+    num_patches: int
+    num_protected: int
+    blocks: tuple[BlockPlan, ...]
+    macs: int
+    macs_unpatched: int
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def merge_layers(self) -> list[int]:
+        return [b.index for b in self.blocks if b.merges]
+
+    @property
+    def tokens_per_block(self) -> list[int]:
+        """Tokens entering each block (protected tokens included)."""
+        return [b.tokens_in for b in self.blocks]
+
+    @property
+    def final_patches(self) -> int:
+        """Mergeable tokens left after the last block."""
+        return self.blocks[-1].tokens_out - self.num_protected if self.blocks else self.num_patches
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.macs / self.macs_unpatched if self.macs_unpatched else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["blocks"] = [asdict(b) | {"keep_ratio": b.keep_ratio} for b in self.blocks]
+        d["notes"] = list(self.notes)
+        d.update(
+            merge_layers=self.merge_layers,
+            tokens_per_block=self.tokens_per_block,
+            final_patches=self.final_patches,
+            flops_ratio=self.flops_ratio,
+            gmacs=self.macs / 1e9,
+            gmacs_unpatched=self.macs_unpatched / 1e9,
+        )
+        return d
+
+    def table(self) -> str:
+        lines = [
+            f"MaMe plan ({self.family}, mode={self.mode}, r={self.r:g}, tau={self.tau:g}, "
+            f"prop_attn={self.prop_attn}): {self.num_patches} patches"
+            f" + {self.num_protected} protected",
+            " block  tokens in  tokens out  keep",
+        ]
+        for b in self.blocks:
+            mark = "" if b.merges else "   (no merge)"
+            lines.append(
+                f" {b.index:>5}  {b.tokens_in:>9}  {b.tokens_out:>10}  {b.keep_ratio:.3f}{mark}"
+            )
+        lines.append(
+            f" MACs: {self.macs / 1e9:.2f} G vs {self.macs_unpatched / 1e9:.2f} G unpatched "
+            f"(ratio {self.flops_ratio:.3f}, ideal speed-up {1 / self.flops_ratio:.2f}x)"
+        )
+        lines.extend(f" note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+def token_schedule(num_patches: int, r: float, merge_layers: list[int], depth: int) -> list[int]:
+    """Mergeable tokens *leaving* each of ``depth`` blocks.
+
+    Each merge block keeps the same fraction ``(1 - r) ** (1 / L)``; counts are
+    rounded from the compounded ratio (not step by step), so the last merge
+    block leaves exactly ``round(num_patches * (1 - r))`` patches.
+    """
+    check_ratio(r)
+    merge_set = set(merge_layers)
+    L = len(merge_set)
+    out, n, done = [], num_patches, 0
+    for i in range(depth):
+        if i in merge_set:
+            done += 1
+            n = max(1, min(n, round(num_patches * (1.0 - r) ** (done / L))))
+        out.append(n)
+    return out
+
+
+def default_merge_layers(depth: int) -> list[int]:
+    """The first two thirds of the blocks (ViT-B: the first 8 of 12)."""
+    return list(range(max(1, round(depth * 2 / 3))))
+
+
+def check_ratio(r: float) -> None:
+    if not (isinstance(r, (int, float)) and math.isfinite(r) and 0.0 <= r < 1.0):
+        raise ValueError(f"r must be in [0, 1); got {r!r}")
+
+
+def check_tau(tau: float) -> None:
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and -1.0 <= tau <= 1.0):
+        raise ValueError(f"tau must be in [-1, 1]; got {tau!r}")
