@@ -140,6 +140,7 @@ class OrtRunner(Runner):
             opts.inter_op_num_threads = 1
         providers = [self._PROVIDERS[self.provider]]
         self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        self._input_types = {i.name: i.type for i in self.session.get_inputs()}
         if self.provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise RuntimeError("ONNX Runtime fell back from CUDA to CPU for this graph")
 
@@ -148,8 +149,19 @@ class OrtRunner(Runner):
         self.activate()
         return [i.name for i in self.session.get_inputs()]
 
+    def _cast(self, name: str, value: np.ndarray) -> np.ndarray:
+        """Feed each input in the element type the graph declares (fp16 graphs take fp16)."""
+        want = self._input_types.get(name)
+        if want == "tensor(float16)":
+            return value.astype(np.float16)
+        if want == "tensor(bfloat16)":
+            import ml_dtypes
+
+            return value.astype(ml_dtypes.bfloat16)
+        return np.ascontiguousarray(value)
+
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.activate()
         names = [o.name for o in self.session.get_outputs()]
-        outs = self.session.run(names, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
-        return dict(zip(names, outs))
+        outs = self.session.run(names, {k: self._cast(k, v) for k, v in feeds.items()})
+        return {n: np.asarray(o, dtype=np.float32) for n, o in zip(names, outs)}

@@ -11,6 +11,7 @@ Shapes: ``x`` (B, N, C) mergeable tokens, ``metric`` (B, N, Ck), ``sizes``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ __all__ = [
 # Weights and sizes are computed in float32 whatever the token dtype: the
 # normalisations divide by sums that can be tiny, which fp16 cannot hold.
 _EPS = 1e-6
+_REFINE_SLACK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,18 @@ def _partition_cached(n: int, n_keep: int, device: str) -> Partition:
     for pos, idx in enumerate(order):
         inverse[idx] = pos
     as_t = functools.partial(torch.tensor, dtype=torch.long, device=device)
-    return Partition(n, n_keep, as_t(tgt), as_t(src), as_t(inverse))
+    # The cache outlives any trace: make real tensors even if the first call
+    # happens under an exporter's fake-tensor mode.
+    with _real_tensors():
+        return Partition(n, n_keep, as_t(tgt), as_t(src), as_t(inverse))
+
+
+def _real_tensors():
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return unset_fake_temporarily()
 
 
 def partition(n: int, n_keep: int, device: torch.device | str = "cpu") -> Partition:
@@ -82,7 +95,10 @@ def partition(n: int, n_keep: int, device: torch.device | str = "cpu") -> Partit
 
 
 def _normalize_columns(w: torch.Tensor) -> torch.Tensor:
-    return w / (w.sum(dim=-2, keepdim=True) + _EPS)
+    # Exact for any positive column sum (an additive eps would leave a column
+    # that is barely over the threshold summing to well under 1); zero stays zero.
+    total = w.sum(dim=-2, keepdim=True)
+    return w / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def mame_weights(
@@ -101,14 +117,18 @@ def mame_weights(
 
     w = _normalize_columns(F.relu(sim - tau))
     nonzero = (w > 0).float()
-    zeta = w.sum(dim=-2, keepdim=True) / (nonzero.sum(dim=-2, keepdim=True) + _EPS)
-    w = _normalize_columns(w * (w >= zeta).float() * nonzero)
+    count = nonzero.sum(dim=-2, keepdim=True)
+    zeta = w.sum(dim=-2, keepdim=True) / count.clamp_min(1.0)
+    # The column maximum is always >= the mean; the slack keeps it when all
+    # non-zero weights are equal and the mean rounds just above them.
+    keep = (w >= zeta * (1.0 - _REFINE_SLACK)).float() * nonzero
+    w = _normalize_columns(w * keep)
 
     # Distinctive sources: no target passed the threshold. Fall back to the
     # best target(s) by an equality with a reduce-max (no ArgMax).
     best = (sim == sim.amax(dim=-2, keepdim=True)).float()
     fallback = _normalize_columns(best)
-    linked = (w.sum(dim=-2, keepdim=True) > 0.5).float()
+    linked = (count > 0).float()
     return linked * w + (1.0 - linked) * fallback
 
 

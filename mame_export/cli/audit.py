@@ -1,0 +1,27 @@
+"""`mame-export audit GRAPH.onnx`: exit 1 on any finding."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="audit an ONNX graph (forbidden ops, checker, "
+                                     "shape inference, TensorRT pre-flight)")
+    p.add_argument("graph", metavar="GRAPH.onnx")
+    p.add_argument("--no-tensorrt", dest="tensorrt", action="store_false",
+                   help="skip the TensorRT parser pre-flight")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mame_export.audit import audit
+    from mame_export.cli import print_json
+
+    report = audit(args.graph, tensorrt=args.tensorrt)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print(report.summary())
+    return 0 if report.passed else 1

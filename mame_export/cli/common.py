@@ -1,0 +1,76 @@
+"""Arguments shared by the subcommands that take a MODEL."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mame_export.errors import UserError
+from mame_export.job import ExportRequest
+from mame_export.patch import DEFAULT_TAU
+
+
+def parse_layers(text: str) -> list[int]:
+    """'0,1,2' or '0-7' or '0-3,8' -> sorted block indices."""
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.update(range(int(a), int(b) + 1))
+            elif part:
+                out.add(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad --layers {text!r}; use e.g. 0-7 or 0,2,4") from None
+    return sorted(out)
+
+
+def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="alias (vit_t, vit_s, vit_b, vit_l, vit_h, deit_s, deit_b, "
+                        "siglip2_b_512, sd21-unet) or any timm model name")
+    p.add_argument("--r", type=float, default=0.5,
+                   help="fraction of patch tokens merged away by the last merge block, "
+                        "in [0, 1) (default 0.5)")
+    p.add_argument("--tau", type=float, default=DEFAULT_TAU,
+                   help=f"similarity threshold in [-1, 1] (default {DEFAULT_TAU})")
+    p.add_argument("--layers", type=parse_layers, default=None,
+                   help="blocks that merge, e.g. 0-7 (default: first two thirds)")
+    p.add_argument("--no-prop-attn", dest="prop_attn", action="store_false",
+                   help="turn off proportional attention (log size bias)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: model's)")
+    p.add_argument("--weights", default="auto",
+                   help="auto (hub or its cache, else random with a warning), random, "
+                        "or a checkpoint PATH (.safetensors, .pth, .pt)")
+    if with_export:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+        g.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis")
+        p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                       help="precision of the graph (default fp32)")
+        p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+        p.add_argument("--out", type=Path, default=Path("graphs"),
+                       help="output folder (default graphs/)")
+        p.add_argument("--parity-batches", type=int, default=3,
+                       help="fresh random input batches for the parity check (default 3)")
+        p.add_argument("--seed", type=int, default=None,
+                       help="seed for the parity inputs (default: fresh each run)")
+    p.add_argument("--json", action="store_true",
+                   help="print exactly one JSON object on stdout (logs go to stderr)")
+
+
+def request_from_args(args: argparse.Namespace) -> ExportRequest:
+    req = ExportRequest(
+        model=args.model, r=args.r, tau=args.tau, layers=args.layers, prop_attn=args.prop_attn,
+        img_size=args.img_size, weights=args.weights,
+        batch=getattr(args, "batch", 1) or 1,
+        dynamic_batch=getattr(args, "dynamic_batch", False),
+        precision=getattr(args, "precision", "fp32"), opset=getattr(args, "opset", 18),
+        out_dir=getattr(args, "out", Path("graphs")),
+        parity_batches=getattr(args, "parity_batches", 3), seed=getattr(args, "seed", None),
+    )
+    if req.parity_batches < 1:
+        raise UserError("--parity-batches must be >= 1")
+    req.validate()
+    return req

@@ -1,0 +1,28 @@
+"""`mame-export plan MODEL --r R`: the merge plan without exporting."""
+
+from __future__ import annotations
+
+import argparse
+
+from mame_export.cli.common import add_model_args, request_from_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="print the merge plan (tokens per block, MACs)")
+    add_model_args(p, with_export=False)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mame_export.cli import print_json
+    from mame_export.job import build_patched
+
+    req = request_from_args(args)
+    args.weights = "random" if args.weights == "auto" else args.weights
+    req.weights = args.weights  # the plan does not depend on weight values
+    spec, _, plan, _ = build_patched(req, log=lambda _msg: None)
+    if args.json:
+        print_json({"model": spec.alias, "source": spec.source_name, "plan": plan.to_dict()})
+    else:
+        print(plan.table())
+    return 0

@@ -1,0 +1,218 @@
+"""The main job: model alias -> patched model -> ONNX graph -> audit -> parity -> metadata.
+
+The CLI only parses arguments and prints; everything it does happens here.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import platform
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import mame_export
+from mame_export.audit import audit
+from mame_export.errors import UserError
+from mame_export.export import (
+    PRECISIONS,
+    IOSpec,
+    atomic_write_text,
+    ensure_writable_dir,
+    export_onnx,
+)
+from mame_export.models import ModelSpec, build_model, resolve
+from mame_export.parity import ParityReport, check_parity
+from mame_export.patch import DEFAULT_TAU, apply, merge_plan
+from mame_export.plan import MergePlan, check_ratio, check_tau
+from mame_export.runners import OrtRunner, TorchRunner
+
+Log = Callable[[str], None]
+
+
+def stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class ExportRequest:
+    """Everything that decides an export; recorded verbatim in the metadata."""
+
+    model: str
+    r: float = 0.5
+    tau: float = DEFAULT_TAU
+    layers: list[int] | None = None
+    mode: str = "static"
+    prop_attn: bool = True
+    batch: int = 1
+    dynamic_batch: bool = False
+    img_size: int | None = None
+    weights: str = "auto"
+    opset: int = 18
+    precision: str = "fp32"
+    out_dir: Path = Path("graphs")
+    parity_batches: int = 3
+    seed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        try:
+            check_ratio(self.r)
+            check_tau(self.tau)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if self.mode != "static":
+            raise UserError(
+                f"mode {self.mode!r} cannot be exported: adaptive MaMe has data-dependent token "
+                "counts (eager only); export with --mode static"
+            )
+        if self.batch < 1:
+            raise UserError(f"--batch must be >= 1; got {self.batch}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if not 17 <= self.opset <= 23:
+            raise UserError(f"--opset must be in [17, 23]; got {self.opset}")
+        if self.img_size is not None and self.img_size < 1:
+            raise UserError(f"--img-size must be positive; got {self.img_size}")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "mame-export": mame_export.__version__}
+    for pkg in ("torch", "timm", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+                "diffusers", "tensorrt", "polygraphy"):
+        try:
+            out[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def graph_stem(spec: ModelSpec, req: ExportRequest) -> str:
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", spec.alias)
+    batch = "bdyn" if req.dynamic_batch else f"b{req.batch}"
+    img = f"_{req.img_size}px" if req.img_size and req.img_size != spec.img_size else ""
+    return f"{name}_r{req.r:g}{img}_{batch}_{req.precision}"
+
+
+def io_spec(spec: ModelSpec, model: nn.Module, img_size: int | None) -> IOSpec:
+    """The family's declared inputs and outputs."""
+    if spec.family == "sd-unet":
+        from mame_export.models_sd import sd_unet_io_spec
+
+        return sd_unet_io_spec(model, latent=img_size or spec.img_size)
+    h, w = model.patch_embed.img_size
+    chans = model.patch_embed.proj.in_channels
+
+    def make(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, chans, h, w, generator=gen),)
+
+    return IOSpec(("pixels",), ("logits",), make)
+
+
+def feeds_maker(io: IOSpec, batch: int):
+    """Fresh random float32 inputs per call; runners cast to their own precision."""
+    def make(rng: np.random.Generator) -> dict[str, np.ndarray]:
+        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        return {n: a.numpy() for n, a in zip(io.input_names, io.make_inputs(batch, gen))}
+
+    return make
+
+
+def build_patched(req: ExportRequest, log: Log = stderr_log) -> tuple[ModelSpec, nn.Module, MergePlan, str]:
+    spec = resolve(req.model)
+    log(f"[1/5] building {spec.alias} ({spec.source_name}), weights: {req.weights}")
+    model, source = build_model(spec, req.weights, req.img_size)
+    model = apply(model, req.r, tau=req.tau, layers=req.layers, prop_attn=req.prop_attn,
+                  mode=req.mode)
+    return spec, model, merge_plan(model), source
+
+
+def parity_runners(reference: nn.Module, io: IOSpec, onnx_path: Path) -> tuple[TorchRunner, list]:
+    ref = TorchRunner(reference, io.input_names, io.output_names, name="torch-eager-fp32")
+    return ref, [OrtRunner(onnx_path, "cpu"), OrtRunner(onnx_path, "cuda")]
+
+
+def run_export(req: ExportRequest, log: Log = stderr_log) -> dict[str, Any]:
+    """Build, patch, export, audit and check one graph; returns its metadata.
+
+    The metadata's ``ok`` is True only if the audit found nothing and parity
+    passed on at least one runner.
+    """
+    req.validate()
+    ensure_writable_dir(req.out_dir)
+    spec, model, plan, source = build_patched(req, log)
+    log(plan.table())
+    io = io_spec(spec, model, req.img_size)
+    dtype = PRECISIONS[req.precision]
+    stem = graph_stem(spec, req)
+    onnx_path = req.out_dir / f"{stem}.onnx"
+
+    export_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    example = tuple(t.to(dtype) if t.is_floating_point() else t
+                    for t in io.make_inputs(req.batch, torch.Generator().manual_seed(0)))
+    log(f"[2/5] exporting to ONNX (opset {req.opset}, {req.precision}, "
+        f"batch {'dynamic' if req.dynamic_batch else req.batch}) ...")
+    result = export_onnx(export_model, example, onnx_path, input_names=io.input_names,
+                         output_names=io.output_names, dynamic_batch=req.dynamic_batch,
+                         opset=req.opset)
+    del export_model
+    log(f"      wrote {onnx_path} ({result.bytes / 1e6:.1f} MB"
+        f"{', external data' if result.external_data else ''}) in {result.seconds:.1f} s")
+
+    log("[3/5] auditing the graph ...")
+    report = audit(onnx_path)
+    log(report.summary())
+
+    log(f"[4/5] parity vs eager PyTorch (fp32) on {req.parity_batches} fresh random batches ...")
+    ref, cands = parity_runners(model, io, onnx_path)
+    parity_batch = 2 if req.dynamic_batch else req.batch
+    parity = check_parity(ref, cands, feeds_maker(io, parity_batch), req.precision,
+                          batches=req.parity_batches, seed=req.seed)
+    log(parity.summary())
+
+    meta = metadata(req, spec, plan, source, result, report.to_dict(), parity, io, example)
+    meta_path = req.out_dir / f"{stem}.json"
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    meta["metadata_path"] = str(meta_path)
+    log(f"[5/5] wrote {meta_path}")
+    return meta
+
+
+def metadata(req: ExportRequest, spec: ModelSpec, plan: MergePlan, source: str, result: Any,
+             audit_dict: dict[str, Any], parity: ParityReport, io: IOSpec,
+             example: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    batch: Any = "dynamic" if req.dynamic_batch else req.batch
+    return {
+        "ok": bool(audit_dict["passed"] and parity.passed),
+        "onnx": str(result.path),
+        "onnx_sha256": result.sha256,
+        "onnx_bytes": result.bytes,
+        "external_data": result.external_data,
+        "export_seconds": round(result.seconds, 2),
+        "exporter": result.exporter,
+        "model": {"name": req.model, "alias": spec.alias, "source": spec.source_name,
+                  "family": spec.family},
+        "weights": source,
+        "settings": {"r": req.r, "tau": req.tau, "layers": plan.merge_layers, "mode": req.mode,
+                     "prop_attn": req.prop_attn, "opset": req.opset, "precision": req.precision,
+                     "batch": batch, "img_size": req.img_size or spec.img_size},
+        "inputs": [{"name": n, "shape": [batch, *t.shape[1:]], "dtype": str(t.dtype)}
+                   for n, t in zip(io.input_names, example)],
+        "outputs": list(io.output_names),
+        "plan": plan.to_dict(),
+        "audit": audit_dict,
+        "parity": parity.to_dict(),
+        "versions": versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["mame-export", *sys.argv[1:]]) if sys.argv else "",
+    }

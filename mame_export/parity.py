@@ -1,0 +1,187 @@
+"""Numerical parity of runners against a reference runner (eager PyTorch).
+
+Fresh random inputs every run, several batches; per-precision tolerances:
+fp32 by max abs / rel diff; fp16 and bf16 by cosine similarity and top-1
+agreement of the outputs, plus a loose max abs diff. A runner that cannot run
+here is reported as skipped, never as passed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mame_export.runners import Runner
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs: float
+    max_rel: float | None = None  # elementwise |a-b| <= max_abs + max_rel * |ref|
+    min_cosine: float | None = None
+    min_top1: float | None = None
+
+    def describe(self) -> str:
+        parts = [f"max_abs<={self.max_abs:g}"]
+        if self.max_rel is not None:
+            parts.append(f"+ {self.max_rel:g}*|ref|")
+        if self.min_cosine is not None:
+            parts.append(f"cosine>={self.min_cosine:g}")
+        if self.min_top1 is not None:
+            parts.append(f"top1>={self.min_top1:g}")
+        return ", ".join(parts)
+
+
+# Compared against fp32 eager PyTorch. fp32 bounds cover reassociation in
+# matmuls and softmax across backends; reduced precision is judged by direction
+# (cosine) and decisions (top-1), since absolute error grows with the logits.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_abs=1e-3, max_rel=1e-3),
+    "fp16": Tolerance(max_abs=5e-2, max_rel=5e-2, min_cosine=0.999, min_top1=0.98),
+    "bf16": Tolerance(max_abs=2e-1, max_rel=1e-1, min_cosine=0.995, min_top1=0.95),
+}
+
+
+@dataclass
+class OutputStats:
+    name: str
+    max_abs_diff: float
+    max_rel_diff: float
+    cosine: float
+    top1_agreement: float | None
+    passed: bool
+
+
+@dataclass
+class RunnerResult:
+    runner: str
+    status: str  # "passed" | "failed" | "skipped" | "error"
+    reason: str = ""
+    outputs: list[OutputStats] = field(default_factory=list)
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        return max((o.max_abs_diff for o in self.outputs), default=None)
+
+
+@dataclass
+class ParityReport:
+    reference: str
+    precision: str
+    tolerance: Tolerance
+    batches: int
+    seed: int
+    results: list[RunnerResult]
+
+    @property
+    def compared(self) -> list[RunnerResult]:
+        return [r for r in self.results if r.status in ("passed", "failed", "error")]
+
+    @property
+    def passed(self) -> bool:
+        """True only if at least one runner was compared and every compared one passed."""
+        return bool(self.compared) and all(r.status == "passed" for r in self.compared)
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        vals = [r.max_abs_diff for r in self.compared if r.max_abs_diff is not None]
+        return max(vals) if vals else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "precision": self.precision,
+            "tolerance": asdict(self.tolerance) | {"text": self.tolerance.describe()},
+            "batches": self.batches,
+            "seed": self.seed,
+            "passed": self.passed,
+            "max_abs_diff": self.max_abs_diff,
+            "runners": [asdict(r) for r in self.results],
+        }
+
+    def summary(self) -> str:
+        lines = [f"parity vs {self.reference} ({self.precision}, {self.tolerance.describe()}, "
+                 f"{self.batches} fresh random batches, seed {self.seed}):"]
+        for r in self.results:
+            if r.status in ("skipped", "error"):
+                lines.append(f"  {r.runner:<14} {r.status.upper()}: {r.reason}")
+                continue
+            worst = max(r.outputs, key=lambda o: o.max_abs_diff)
+            top1 = "" if worst.top1_agreement is None else f" top1={worst.top1_agreement:.3f}"
+            lines.append(f"  {r.runner:<14} {r.status.upper()}: max_abs={worst.max_abs_diff:.3g} "
+                         f"max_rel={worst.max_rel_diff:.3g} cosine={worst.cosine:.6f}{top1}")
+        if not self.compared:
+            lines.append("  NOT COMPARED: no candidate runner could run here")
+        return "\n".join(lines)
+
+
+def compare_outputs(name: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance) -> OutputStats:
+    ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+    if ref64.shape != out64.shape:
+        return OutputStats(name, float("inf"), float("inf"), 0.0, None, False)
+    diff = np.abs(ref64 - out64)
+    finite = bool(np.isfinite(out64).all())
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = float((diff / (np.abs(ref64) + 1e-6)).max()) if diff.size else 0.0
+    a, b = ref64.reshape(len(ref64), -1), out64.reshape(len(out64), -1)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = float(np.min(np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30), 1.0)))
+    top1 = None
+    if ref64.ndim == 2 and ref64.shape[1] > 1:
+        top1 = float((ref64.argmax(1) == out64.argmax(1)).mean())
+    ok = finite
+    bound = tol.max_abs + (tol.max_rel * np.abs(ref64) if tol.max_rel is not None else 0.0)
+    ok &= bool((diff <= bound).all())
+    if tol.min_cosine is not None:
+        ok &= cos >= tol.min_cosine
+    if tol.min_top1 is not None and top1 is not None:
+        ok &= top1 >= tol.min_top1
+    return OutputStats(name, max_abs, max_rel, cos, top1, ok)
+
+
+def check_parity(
+    reference: Runner,
+    candidates: Sequence[Runner],
+    make_feeds: Callable[[np.random.Generator], Mapping[str, np.ndarray]],
+    precision: str = "fp32",
+    batches: int = 3,
+    seed: int | None = None,
+    tolerance: Tolerance | None = None,
+) -> ParityReport:
+    """Compare each candidate with ``reference`` on ``batches`` fresh random input sets."""
+    tol = tolerance or TOLERANCES[precision]
+    seed = secrets.randbits(31) if seed is None else seed
+    rng = np.random.default_rng(seed)
+    feeds = [dict(make_feeds(rng)) for _ in range(batches)]
+    reference.activate()
+    refs = [reference.infer(f) for f in feeds]
+    results = []
+    for cand in candidates:
+        ok, reason = cand.availability()
+        if not ok:
+            results.append(RunnerResult(cand.name, "skipped", reason))
+            continue
+        try:
+            cand.activate()
+            outs = [cand.infer(f) for f in feeds]
+        except Exception as e:  # noqa: BLE001 - a runner that breaks is a failed comparison
+            results.append(RunnerResult(cand.name, "error", f"{type(e).__name__}: {e}"[:300]))
+            continue
+        stats = []
+        for ref, out in zip(refs, outs):
+            for (name, r), o in zip(ref.items(), out.values()):
+                stats.append(compare_outputs(name, r, o, tol))
+        worst: dict[str, OutputStats] = {}
+        for s in stats:
+            if s.name not in worst or s.max_abs_diff > worst[s.name].max_abs_diff:
+                worst[s.name] = s
+        for name, w in worst.items():
+            w.passed = all(s.passed for s in stats if s.name == name)
+        passed = all(s.passed for s in stats)
+        results.append(RunnerResult(cand.name, "passed" if passed else "failed", "",
+                                    list(worst.values())))
+    return ParityReport(reference.name, precision, tol, batches, seed, results)
