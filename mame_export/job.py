@@ -11,7 +11,7 @@ import json
 import platform
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -31,11 +31,11 @@ from mame_export.export import (
     ensure_writable_dir,
     export_onnx,
 )
-from mame_export.models import ModelSpec, build_model, resolve
+from mame_export.models import ModelSpec, build_model, resolve, state_dict_sha256
 from mame_export.parity import ParityReport, check_parity
 from mame_export.patch import DEFAULT_TAU, apply, merge_plan
 from mame_export.plan import MergePlan, check_ratio, check_tau
-from mame_export.runners import OrtRunner, TorchRunner
+from mame_export.runners import OrtRunner, Runner, TorchRunner
 
 Log = Callable[[str], None]
 
@@ -137,9 +137,27 @@ def build_patched(req: ExportRequest, log: Log = stderr_log) -> tuple[ModelSpec,
     return spec, model, merge_plan(model), source
 
 
-def parity_runners(reference: nn.Module, io: IOSpec, onnx_path: Path) -> tuple[TorchRunner, list]:
+RUNNERS = ("onnxrt", "onnxrt-cuda", "tensorrt")
+
+
+def select_runners(reference: nn.Module, io: IOSpec, onnx_path: Path,
+                   names: Sequence[str] = RUNNERS) -> tuple[TorchRunner, list[Runner]]:
+    """The fp32 eager reference and the named candidate runners for one graph."""
+    unknown = [n for n in names if n not in RUNNERS]
+    if unknown:
+        raise UserError(f"unknown runner(s) {', '.join(unknown)}; choose from {', '.join(RUNNERS)}")
     ref = TorchRunner(reference, io.input_names, io.output_names, name="torch-eager-fp32")
-    return ref, [OrtRunner(onnx_path, "cpu"), OrtRunner(onnx_path, "cuda")]
+    cands: list[Runner] = []
+    for n in names:
+        if n == "onnxrt":
+            cands.append(OrtRunner(onnx_path, "cpu"))
+        elif n == "onnxrt-cuda":
+            cands.append(OrtRunner(onnx_path, "cuda"))
+        else:
+            from mame_export.trt.runner import TrtGraphRunner
+
+            cands.append(TrtGraphRunner(onnx_path))
+    return ref, cands
 
 
 def run_export(req: ExportRequest, log: Log = stderr_log) -> dict[str, Any]:
@@ -174,13 +192,14 @@ def run_export(req: ExportRequest, log: Log = stderr_log) -> dict[str, Any]:
     log(report.summary())
 
     log(f"[4/5] parity vs eager PyTorch (fp32) on {req.parity_batches} fresh random batches ...")
-    ref, cands = parity_runners(model, io, onnx_path)
+    ref, cands = select_runners(model, io, onnx_path, ("onnxrt", "onnxrt-cuda"))
     parity_batch = 2 if req.dynamic_batch else req.batch
     parity = check_parity(ref, cands, feeds_maker(io, parity_batch), req.precision,
                           batches=req.parity_batches, seed=req.seed)
     log(parity.summary())
 
     meta = metadata(req, spec, plan, source, result, report.to_dict(), parity, io, example)
+    meta["weights_sha256"] = state_dict_sha256(model)
     meta_path = req.out_dir / f"{stem}.json"
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     meta["metadata_path"] = str(meta_path)
@@ -216,3 +235,54 @@ def metadata(req: ExportRequest, spec: ModelSpec, plan: MergePlan, source: str, 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["mame-export", *sys.argv[1:]]) if sys.argv else "",
     }
+
+
+class MetadataError(UserError):
+    """A graph's metadata sidecar is missing or does not describe a rebuildable model."""
+
+
+def request_from_metadata(meta: dict[str, Any]) -> ExportRequest:
+    st = meta["settings"]
+    weights = meta["weights"]
+    weights = weights[len("file:"):] if weights.startswith("file:") else "random"
+    if weights == "random" and not meta["weights"].startswith("random init"):
+        raise MetadataError(
+            f"the graph was exported with weights from {meta['weights']}; pass them again with "
+            "--weights PATH to rebuild the eager reference"
+        )
+    return ExportRequest(
+        model=meta["model"]["name"], r=st["r"], tau=st["tau"], layers=st["layers"],
+        mode=st["mode"], prop_attn=st["prop_attn"], img_size=st["img_size"], weights=weights,
+        opset=st["opset"], precision=st["precision"],
+        batch=st["batch"] if st["batch"] != "dynamic" else 1,
+        dynamic_batch=st["batch"] == "dynamic",
+    )
+
+
+def parity_for_graph(graph: Path, runners: list[str], batches: int, seed: int | None,
+                     weights: str | None = None, log: Log = stderr_log) -> ParityReport:
+    """Rebuild the eager reference from a graph's sidecar and compare the chosen runners."""
+    sidecar = graph.with_suffix(".json")
+    if not graph.is_file():
+        raise MetadataError(f"graph not found: {graph}")
+    try:
+        meta = json.loads(sidecar.read_text())
+        req = request_from_metadata(meta)
+    except FileNotFoundError:
+        raise MetadataError(f"no metadata sidecar {sidecar}: parity needs it to rebuild the "
+                            "eager reference (export with mame-export MODEL)") from None
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise MetadataError(f"unreadable metadata sidecar {sidecar}: {e}") from None
+    if weights is not None:
+        req.weights = weights
+    spec, model, _, _ = build_patched(req, log)
+    if meta.get("weights_sha256") and state_dict_sha256(model) != meta["weights_sha256"]:
+        raise MetadataError(
+            "rebuilt weights differ from the exported ones (other torch/timm version or "
+            "checkpoint); pass the original checkpoint with --weights PATH"
+        )
+    io = io_spec(spec, model, req.img_size)
+    ref, cands = select_runners(model, io, graph, runners)
+    batch = 2 if req.dynamic_batch else req.batch
+    return check_parity(ref, cands, feeds_maker(io, batch), req.precision, batches=batches,
+                        seed=seed)

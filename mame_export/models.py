@@ -113,6 +113,30 @@ def _cached_hub_file(source_name: str) -> str | None:
     return None
 
 
+# Random weights are drawn from a fixed seed so a graph's eager reference can be rebuilt.
+RANDOM_INIT_SEED = 0
+
+
+def _random_timm(spec: ModelSpec, kw: dict[str, Any]) -> nn.Module:
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return timm.create_model(spec.source_name, pretrained=False, **kw).eval()
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """A fingerprint of the weights (names, dtypes, shapes and values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
@@ -126,15 +150,20 @@ def build_model(spec: ModelSpec, weights: str = "auto", img_size: int | None = N
     if spec.family == "sd-unet":
         from mame_export.models_sd import build_sd21_unet
 
-        model = build_sd21_unet(weights if weights != "auto" else "random")
-        return model.eval(), ("random init" if weights in ("auto", "random") else f"file:{weights}")
+        if weights in ("auto", "random"):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = build_sd21_unet("random")
+            return model.eval(), f"random init (seed {RANDOM_INIT_SEED})"
+        return build_sd21_unet(weights).eval(), f"file:{Path(weights).resolve()}"
     import timm
 
     kw: dict[str, Any] = dict(spec.kwargs)
     if img_size is not None and img_size != spec.img_size:
         kw["img_size"] = img_size
+    random_src = f"random init (seed {RANDOM_INIT_SEED})"
     if weights == "random":
-        return timm.create_model(spec.source_name, pretrained=False, **kw).eval(), "random init"
+        return _random_timm(spec, kw), random_src
     if weights == "auto":
         cached = _cached_hub_file(spec.source_name)
         if cached is not None:
@@ -153,7 +182,7 @@ def build_model(spec: ModelSpec, weights: str = "auto", img_size: int | None = N
                  f"{spec.source_name}")
         warn("using RANDOM weights: parity and latency are valid, predictions are not "
              "(pass --weights PATH to use a local checkpoint)")
-        return timm.create_model(spec.source_name, pretrained=False, **kw).eval(), "random init"
+        return _random_timm(spec, kw), random_src
     model = timm.create_model(spec.source_name, pretrained=False, **kw).eval()
     load_checkpoint(model, weights)
     return model, f"file:{Path(weights).resolve()}"
