@@ -64,7 +64,7 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
     req = ExportRequest(
         model=args.model, r=args.r, tau=args.tau, layers=args.layers, prop_attn=args.prop_attn,
         img_size=args.img_size, weights=args.weights,
-        batch=getattr(args, "batch", 1) or 1,
+        batch=getattr(args, "batch", 1),
         dynamic_batch=getattr(args, "dynamic_batch", False),
         precision=getattr(args, "precision", "fp32"), opset=getattr(args, "opset", 18),
         out_dir=getattr(args, "out", Path("graphs")),

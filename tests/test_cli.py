@@ -1,0 +1,248 @@
+"""The command line end to end on vit_t, and every bad input ending in one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from mame_export.cli import main
+from mame_export.models import REGISTRY, _random_timm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "mame_export", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def assert_one_line_error(res_err: str, needle: str) -> None:
+    lines = [ln for ln in res_err.strip().splitlines() if ln.startswith("mame-export:")]
+    assert len(lines) == 1, res_err
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in res_err
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("graphs")
+    res = run_cli("vit_t", "--r", "0.5", "--out", str(out), "--json", "--seed", "1")
+    assert res.returncode == 0, res.stderr
+    return out, json.loads(res.stdout), res
+
+
+def test_export_json_contract(exported) -> None:
+    out, meta, res = exported
+    # stdout is exactly one JSON object; progress went to stderr
+    assert res.stdout.strip().startswith("{") and res.stdout.strip().endswith("}")
+    assert "[2/5] exporting" in res.stderr
+    assert Path(meta["onnx"]).is_file() and Path(meta["onnx"]).parent == out
+    assert meta["plan"]["tokens_per_block"][0] == 197
+    assert meta["plan"]["final_patches"] == 98
+    assert 0.5 < meta["plan"]["flops_ratio"] < 0.75
+    assert meta["audit"]["forbidden_ops"] == [] and meta["audit"]["passed"]
+    assert meta["parity"]["passed"] is True
+    assert meta["parity"]["max_abs_diff"] <= meta["parity"]["tolerance"]["max_abs"]
+    runners = {r["runner"]: r["status"] for r in meta["parity"]["runners"]}
+    assert runners["onnxrt"] == "passed"
+    assert runners["onnxrt-cuda"] in ("skipped", "passed")  # never "passed" without a GPU
+    assert meta["weights"].startswith("random init")  # offline: random, and said so
+    assert "random" in res.stderr.lower() and "warning" in res.stderr.lower()
+
+
+def test_export_writes_graph_and_sidecar_atomically(exported) -> None:
+    out, meta, _ = exported
+    sidecar = Path(meta["metadata_path"])
+    on_disk = json.loads(sidecar.read_text())
+    assert on_disk["onnx_sha256"] == meta["onnx_sha256"]
+    for key in ("model", "settings", "plan", "inputs", "versions", "weights", "audit", "parity"):
+        assert key in on_disk
+    assert on_disk["inputs"][0]["shape"] == [1, 3, 224, 224]
+    assert leftovers(out) == []
+    onnx.checker.check_model(meta["onnx"])
+
+
+def test_audit_and_parity_commands_on_the_exported_graph(exported) -> None:
+    _, meta, _ = exported
+    res = run_cli("audit", meta["onnx"], "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["passed"] is True
+    res = run_cli("parity", meta["onnx"], "--runners", "onnxrt,onnxrt-cuda,tensorrt", "--json")
+    report = json.loads(res.stdout)
+    status = {r["runner"]: r for r in report["runners"]}
+    assert status["onnxrt"]["status"] == "passed"
+    assert status["tensorrt"]["status"] == "skipped" and status["tensorrt"]["reason"]
+    assert res.returncode == 0
+
+
+def _graph_with(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_audit_flags_forbidden_ops(tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    vals = helper.make_tensor_value_info("vals", TensorProto.FLOAT, [2, 3])
+    picked = helper.make_tensor_value_info("picked", TensorProto.FLOAT, [2, 3, 8])
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [3])
+    nodes = [
+        helper.make_node("TopK", ["x", "k"], ["vals", "idx"], axis=1, name="topk"),
+        helper.make_node("Gather", ["x", "idx"], ["picked"], axis=0, name="gather_computed"),
+    ]
+    path = tmp_path / "bad.onnx"
+    onnx.save(_graph_with(nodes, [x], [vals, picked], [k]), str(path))
+    res = run_cli("audit", str(path), "--json")
+    assert res.returncode == 1
+    report = json.loads(res.stdout)
+    ops = sorted(f["op"] for f in report["forbidden_ops"])
+    assert ops == ["Gather", "TopK"]
+
+
+def test_audit_accepts_gather_with_constant_indices(tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    idx = helper.make_tensor("idx", TensorProto.INT64, [2], [0, 3])
+    node = helper.make_node("Gather", ["x", "idx"], ["y"], axis=0, name="gather_const")
+    path = tmp_path / "ok.onnx"
+    onnx.save(_graph_with([node], [x], [y], [idx]), str(path))
+    assert main(["audit", str(path)]) == 0
+
+
+def test_audit_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["audit", str(tmp_path / "missing.onnx")]) != 0
+    assert_one_line_error(capsys.readouterr().err, "not found")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\xffnot a model" * 10)
+    assert main(["audit", str(garbage)]) != 0
+    assert_one_line_error(capsys.readouterr().err, "cannot read ONNX graph")
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["vit_tt"], "unknown model 'vit_tt'; closest: vit_t"),
+        (["vit_t", "--r", "1.0"], "r must be in [0, 1)"),
+        (["vit_t", "--r", "-0.1"], "r must be in [0, 1)"),
+        (["vit_t", "--tau", "1.5"], "tau must be in [-1, 1]"),
+        (["vit_t", "--batch", "0"], "--batch must be >= 1"),
+        (["plan", "vit_t", "--weights", "/nonexistent/ckpt.pth"], "checkpoint not found"),
+    ],
+)
+def test_bad_arguments_one_line(args, needle, capsys: pytest.CaptureFixture) -> None:
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr().err, needle)
+
+
+@pytest.fixture(scope="module")
+def vit_t_state() -> dict[str, torch.Tensor]:
+    return _random_timm(REGISTRY["vit_t"], {}).state_dict()
+
+
+def test_checkpoint_formats_load(tmp_path: Path, vit_t_state, capsys) -> None:
+    from safetensors.torch import save_file
+
+    st = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in vit_t_state.items()}, str(st))
+    wrapped = tmp_path / "w.pth"
+    torch.save({"model": vit_t_state, "epoch": 3}, wrapped)
+    sd_wrapped = tmp_path / "w2.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in vit_t_state.items()}}, sd_wrapped)
+    for path in (st, wrapped, sd_wrapped):
+        assert main(["plan", "vit_t", "--weights", str(path), "--json"]) == 0, capsys.readouterr()
+        assert json.loads(capsys.readouterr().out)["plan"]["final_patches"] == 98
+
+
+def test_bad_checkpoints(tmp_path: Path, vit_t_state, capsys) -> None:
+    good = tmp_path / "good.pth"
+    torch.save(vit_t_state, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(4096))
+    vit_s = _random_timm(REGISTRY["vit_s"], {}).state_dict()
+    other = tmp_path / "vit_s.pth"
+    torch.save(vit_s, other)
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in vit_t_state.items() if not k.startswith("head")}, partial)
+    cases = [
+        (truncated, "cannot read checkpoint"),
+        (garbage, "cannot read checkpoint"),
+        (other, "with other shapes"),
+        (partial, "missing (e.g. head."),
+    ]
+    for path, needle in cases:
+        assert main(["plan", "vit_t", "--weights", str(path)]) == 2
+        assert_one_line_error(capsys.readouterr().err, needle)
+
+
+def test_unwritable_output_dir(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["vit_t", "--out", str(blocker / "sub"), "--weights", "random"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "cannot write to")
+
+
+def _tiny_export_args(out: Path) -> list[str]:
+    return ["vit_t", "--r", "0.5", "--weights", "random", "--out", str(out),
+            "--parity-batches", "1"]
+
+
+def test_full_disk_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    import mame_export.export as ex
+
+    real_replace = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith(".onnx"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ex.os, "replace", full)
+    out = tmp_path / "g"
+    assert main(_tiny_export_args(out)) == 2
+    assert_one_line_error(capsys.readouterr().err, "no space left on device")
+    assert [p.name for p in out.iterdir()] == []
+
+
+def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    import mame_export.export as ex
+
+    def interrupted_sha(path, *a, **k):
+        assert Path(path).is_file()  # the graph exists in the temporary folder ...
+        raise KeyboardInterrupt  # ... when the user presses Ctrl-C
+
+    monkeypatch.setattr(ex, "sha256_file", interrupted_sha)
+    out = tmp_path / "g"
+    assert main(_tiny_export_args(out)) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == []  # ... and nothing is left behind
+
+
+def test_adaptive_mode_refuses_export(capsys) -> None:
+    from mame_export.errors import UserError
+    from mame_export.job import ExportRequest
+
+    with pytest.raises(UserError, match="--mode static"):
+        ExportRequest(model="vit_t", mode="adaptive").validate()
+
+
+def test_plan_command_table(capsys) -> None:
+    assert main(["plan", "vit_b", "--r", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "196 patches + 1 protected" in out and "(no merge)" in out
+    assert main(["plan", "vit_b", "--r", "0.5", "--layers", "0-3", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["merge_layers"] == [0, 1, 2, 3] and plan["final_patches"] == 98
