@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mame_export.errors import ExportError, UserError
 
@@ -46,6 +48,31 @@ class ExportResult:
     external_data: bool
     bytes: int
     exporter: str
+
+
+class _Fp32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 inside a reduced-precision graph (Cast in, Cast out)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def reduced_precision_copy(model: nn.Module, dtype: torch.dtype, fp32_norms: bool = True) -> nn.Module:
+    """A copy of ``model`` in ``dtype`` for export; LayerNorms stay fp32 when ``fp32_norms``.
+
+    MaMe's own weight computation and token sizes are float32 in every precision
+    (see ``mame_export.ops``), so the precision that lands in the graph is: matmuls,
+    convolutions, activations and softmax in ``dtype``; merge weights, sizes and,
+    by default, normalisations in float32.
+    """
+    out = copy.deepcopy(model).to(dtype)
+    if fp32_norms:
+        for m in out.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.__class__ = _Fp32LayerNorm
+    return out
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -5,7 +5,6 @@ The CLI only parses arguments and prints; everything it does happens here.
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
 import platform
@@ -30,6 +29,7 @@ from mame_export.export import (
     atomic_write_text,
     ensure_writable_dir,
     export_onnx,
+    reduced_precision_copy,
 )
 from mame_export.models import ModelSpec, build_model, resolve, state_dict_sha256
 from mame_export.parity import ParityReport, check_parity
@@ -63,6 +63,8 @@ class ExportRequest:
     out_dir: Path = Path("graphs")
     parity_batches: int = 3
     seed: int | None = None
+    trt: Any = None  # mame_export.trt.engine.EngineOptions when an engine is wanted
+    engines_dir: Path = Path("engines")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -84,6 +86,10 @@ class ExportRequest:
             raise UserError(f"--opset must be in [17, 23]; got {self.opset}")
         if self.img_size is not None and self.img_size < 1:
             raise UserError(f"--img-size must be positive; got {self.img_size}")
+        if self.trt is not None:
+            self.trt.validate()
+            if self.trt.precision != self.precision:
+                raise UserError("engine and graph precision must match (strongly typed engines)")
 
 
 def versions() -> dict[str, str]:
@@ -141,7 +147,8 @@ RUNNERS = ("onnxrt", "onnxrt-cuda", "tensorrt")
 
 
 def select_runners(reference: nn.Module, io: IOSpec, onnx_path: Path,
-                   names: Sequence[str] = RUNNERS) -> tuple[TorchRunner, list[Runner]]:
+                   names: Sequence[str] = RUNNERS, trt_options: Any = None,
+                   engines_dir: Path = Path("engines")) -> tuple[TorchRunner, list[Runner]]:
     """The fp32 eager reference and the named candidate runners for one graph."""
     unknown = [n for n in names if n not in RUNNERS]
     if unknown:
@@ -156,7 +163,7 @@ def select_runners(reference: nn.Module, io: IOSpec, onnx_path: Path,
         else:
             from mame_export.trt.runner import TrtGraphRunner
 
-            cands.append(TrtGraphRunner(onnx_path))
+            cands.append(TrtGraphRunner(onnx_path, trt_options, engines_dir))
     return ref, cands
 
 
@@ -175,7 +182,7 @@ def run_export(req: ExportRequest, log: Log = stderr_log) -> dict[str, Any]:
     stem = graph_stem(spec, req)
     onnx_path = req.out_dir / f"{stem}.onnx"
 
-    export_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    export_model = model if dtype == torch.float32 else reduced_precision_copy(model, dtype)
     example = tuple(t.to(dtype) if t.is_floating_point() else t
                     for t in io.make_inputs(req.batch, torch.Generator().manual_seed(0)))
     log(f"[2/5] exporting to ONNX (opset {req.opset}, {req.precision}, "
@@ -204,7 +211,33 @@ def run_export(req: ExportRequest, log: Log = stderr_log) -> dict[str, Any]:
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     meta["metadata_path"] = str(meta_path)
     log(f"[5/5] wrote {meta_path}")
+    if req.trt is not None and meta["ok"]:
+        meta["engine"] = build_and_check_engine(req, model, io, onnx_path, log)
+        meta["ok"] = meta["engine"]["parity"]["passed"]
+        atomic_write_text(meta_path, json.dumps(meta, indent=2, default=str) + "\n")
     return meta
+
+
+def build_and_check_engine(req: ExportRequest, model: nn.Module, io: IOSpec, onnx_path: Path,
+                           log: Log) -> dict[str, Any]:
+    """Build (or reuse) the TensorRT engine of a checked graph and check its parity.
+
+    Without TensorRT this raises a one-line UserError naming what to install; the
+    graph and its metadata are already on disk and stay there.
+    """
+    from mame_export.trt.engine import build_engine
+    from mame_export.trt.runner import TrtRunner
+
+    log("[trt] building the TensorRT engine (strongly typed) ...")
+    res = build_engine(onnx_path, req.trt, req.engines_dir, onnx_path.stem)
+    log(f"[trt] {'reused' if res.reused else 'built'} {res.plan}")
+    ref = TorchRunner(model, io.input_names, io.output_names, name="torch-eager-fp32")
+    batch = req.trt.opt_batch or 2 if req.dynamic_batch else req.batch
+    parity = check_parity(ref, [TrtRunner(res.plan)], feeds_maker(io, batch), req.precision,
+                          batches=req.parity_batches, seed=req.seed)
+    log(parity.summary())
+    return {"plan": str(res.plan), "sidecar": str(res.sidecar), "reused": res.reused,
+            "metadata": res.metadata, "parity": parity.to_dict()}
 
 
 def metadata(req: ExportRequest, spec: ModelSpec, plan: MergePlan, source: str, result: Any,

@@ -246,3 +246,26 @@ def test_plan_command_table(capsys) -> None:
     assert main(["plan", "vit_b", "--r", "0.5", "--layers", "0-3", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["merge_layers"] == [0, 1, 2, 3] and plan["final_patches"] == 98
+
+
+def test_trt_without_tensorrt_keeps_graph_and_writes_no_engine(tmp_path: Path, monkeypatch,
+                                                               capsys) -> None:
+    import types
+
+    # An empty namespace package, as tensorrt-stubs leaves behind, must not count as TensorRT.
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    out, engines = tmp_path / "g", tmp_path / "e"
+    code = main(_tiny_export_args(out) + ["--trt", "--engines", str(engines)])
+    assert code == 2
+    assert_one_line_error(capsys.readouterr().err, "pip install 'mame-export[trt]'")
+    assert sorted(p.suffix for p in out.iterdir()) == [".json", ".onnx"]
+    assert not engines.exists() or list(engines.iterdir()) == []
+
+
+def test_trt_option_validation_happens_before_export(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "g"
+    code = main(_tiny_export_args(out) + ["--trt", "--dynamic-batch", "--min-batch", "8",
+                                          "--max-batch", "4"])
+    assert code == 2
+    assert_one_line_error(capsys.readouterr().err, "--min-batch 8 is larger than --max-batch 4")
+    assert not out.exists() or list(out.iterdir()) == []

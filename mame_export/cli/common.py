@@ -56,6 +56,19 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
                        help="fresh random input batches for the parity check (default 3)")
         p.add_argument("--seed", type=int, default=None,
                        help="seed for the parity inputs (default: fresh each run)")
+        t = p.add_argument_group("TensorRT (needs the trt extra and an NVIDIA GPU)")
+        t.add_argument("--trt", action="store_true",
+                       help="also build a strongly typed TensorRT engine and check its parity")
+        t.add_argument("--engines", type=Path, default=Path("engines"),
+                       help="engine folder (default engines/)")
+        t.add_argument("--min-batch", type=int, default=None, help="profile min (dynamic batch)")
+        t.add_argument("--opt-batch", type=int, default=None, help="profile opt (dynamic batch)")
+        t.add_argument("--max-batch", type=int, default=None, help="profile max (dynamic batch)")
+        t.add_argument("--workspace", default=None, help="workspace limit, e.g. 4GiB")
+        t.add_argument("--timing-cache", type=Path, default=None,
+                       help="timing cache file, reused across builds")
+        t.add_argument("--builder-opt-level", type=int, default=3,
+                       help="TensorRT builder optimization level 0-5 (default 3)")
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON object on stdout (logs go to stderr)")
 
@@ -70,6 +83,15 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         out_dir=getattr(args, "out", Path("graphs")),
         parity_batches=getattr(args, "parity_batches", 3), seed=getattr(args, "seed", None),
     )
+    if getattr(args, "trt", False):
+        from mame_export.trt.engine import EngineOptions, parse_size
+
+        req.trt = EngineOptions(
+            precision=req.precision, min_batch=args.min_batch, opt_batch=args.opt_batch,
+            max_batch=args.max_batch,
+            workspace_bytes=parse_size(args.workspace) if args.workspace else None,
+            timing_cache=args.timing_cache, builder_opt_level=args.builder_opt_level)
+        req.engines_dir = args.engines
     if req.parity_batches < 1:
         raise UserError("--parity-batches must be >= 1")
     req.validate()

@@ -1,0 +1,19 @@
+"""TensorRT: detection, the parser pre-flight, engine builds and the engine runner.
+
+Nothing here imports ``tensorrt`` at module level: the package imports, and its CPU-side logic
+runs, on machines without TensorRT. This ``__init__`` re-exports only the light modules
+(detection, pre-flight: onnx and numpy); import builds from ``mame_export.trt.engine`` and the
+runner from ``mame_export.trt.runner`` (both pull in torch).
+"""
+
+from mame_export.trt.detect import INSTALL_HINT, tensorrt_status, tensorrt_version
+from mame_export.trt.support import Finding, support_table_info, trt_preflight
+
+__all__ = [
+    "INSTALL_HINT",
+    "Finding",
+    "support_table_info",
+    "tensorrt_status",
+    "tensorrt_version",
+    "trt_preflight",
+]
