@@ -184,6 +184,8 @@ def export_onnx(
                     optimize=True,
                     verbose=False,
                 )
+                if program is None:  # only when dynamo=False, which we never use
+                    raise ExportError("the exporter returned no program")
                 program.save(str(tmp_path), external_data=external)
         except UserError:
             raise
