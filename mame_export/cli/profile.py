@@ -1,0 +1,150 @@
+"""`mame-export profile MODEL --r R[,R...]`: latency of baseline / MaMe / ToMe per backend."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from mame_export.errors import UserError
+from mame_export.profile import TimingSettings
+
+DEFAULT_BACKENDS = "torch,onnxrt"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.25,0.5; got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,8; got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="latency of the unpatched model, MaMe and ToMe per backend (table, JSON, plot)",
+        description="Times the unpatched model (baseline), MaMe at each r and ToMe with the "
+        "same tokens per block, on each backend, in one run. A backend that cannot run here "
+        "is a row with a skip reason.",
+    )
+    p.add_argument("model", metavar="MODEL", help="alias (vit_t, vit_s, vit_b, ...) or a timm name")
+    p.add_argument("--r", type=_floats, required=True, metavar="R[,R...]",
+                   help="MaMe ratios in [0, 1), comma-separated")
+    p.add_argument("--backends", type=_names, default=_names(DEFAULT_BACKENDS),
+                   metavar="B[,B...]",
+                   help="torch, torch-compile, onnxrt, onnxrt-cuda, tensorrt "
+                        f"(default {DEFAULT_BACKENDS})")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="device for the torch backends (default cpu)")
+    p.add_argument("--batch", type=_ints, default=[1], metavar="N[,N...]",
+                   help="batch sizes (default 1)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch and ONNX Runtime (default: all available)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: model's)")
+    p.add_argument("--weights", default="random",
+                   help="random (default; latency does not depend on weight values), auto, "
+                        "or a checkpoint PATH")
+    p.add_argument("--variants", type=_names, default=["baseline", "mame", "tome"],
+                   metavar="V[,V...]", help="baseline, mame, tome (default: all)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 5)")
+    p.add_argument("--min-iters", type=int, default=None,
+                   help="timed iterations at least (default 30)")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="timed iterations at most (default 5000)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="time budget per row in seconds (default 10)")
+    p.add_argument("--input-sets", type=int, default=None,
+                   help="random input sets rotated (default 4)")
+    p.add_argument("--json", action="store_true",
+                   help="print exactly one JSON object on stdout (logs go to stderr)")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot to PATH")
+    p.set_defaults(run=run)
+
+
+def timing_settings(args: argparse.Namespace) -> TimingSettings:
+    d = TimingSettings()
+    min_iters = d.min_iters if args.min_iters is None else args.min_iters
+    return TimingSettings(
+        warmup_iters=d.warmup_iters if args.warmup is None else args.warmup,
+        warmup_s=d.warmup_s,
+        min_iters=min_iters,
+        max_iters=(max(d.max_iters, min_iters) if args.max_iters is None else args.max_iters),
+        budget_s=d.budget_s if args.seconds is None else args.seconds,
+        input_sets=d.input_sets if args.input_sets is None else args.input_sets,
+    )
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The canonical command that reproduces this run (recorded in the output)."""
+    parts = ["mame-export", "profile", args.model, "--r", ",".join(f"{r:g}" for r in args.r),
+             "--backends", ",".join(args.backends), "--device", args.device,
+             "--batch", ",".join(str(b) for b in args.batch), "--precision", args.precision]
+    for flag, value in (("--threads", args.threads), ("--img-size", args.img_size),
+                        ("--warmup", args.warmup), ("--min-iters", args.min_iters),
+                        ("--max-iters", args.max_iters), ("--seconds", args.seconds),
+                        ("--input-sets", args.input_sets)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.weights != "random":
+        parts += ["--weights", args.weights]
+    if args.variants != ["baseline", "mame", "tome"]:
+        parts += ["--variants", ",".join(args.variants)]
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mame_export.cli import print_json
+    from mame_export.models import build_model, resolve
+    from mame_export.profile import check_request, format_table, plot, profile
+
+    check_request(args.r, args.backends, args.batch, args.precision, args.variants)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1; got {args.threads}")
+    if args.img_size is not None and args.img_size < 1:
+        raise UserError(f"--img-size must be positive; got {args.img_size}")
+    spec = resolve(args.model)
+    if spec.family != "timm-vit":
+        raise UserError(f"profile supports image models (timm ViTs); {spec.alias} is {spec.family}")
+    torch.manual_seed(0)  # the same random weights in every run
+    model, source = build_model(spec, args.weights, args.img_size)
+    print(f"profiling {spec.alias} ({spec.source_name}, weights: {source})", file=sys.stderr)
+    report = profile(
+        model,
+        model_name=spec.alias,
+        rs=args.r,
+        backends=args.backends,
+        batches=args.batch,
+        device=args.device,
+        precision=args.precision,
+        threads=args.threads,
+        settings=timing_settings(args),
+        variants=args.variants,
+        command=command_line(args),
+    )
+    out = report.to_dict()
+    if args.plot:
+        path = plot(out["results"], args.plot,
+                    title=f"{spec.alias}, {report.device}, {args.precision}")
+        print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        print_json(out)
+    else:
+        print(f"device: {report.device} ({report.threads} threads); CPU: {report.cpu}")
+        print("versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()))
+        print(f"command: {report.command}")
+        print(format_table(out["results"]))
+    return 0
