@@ -71,7 +71,7 @@ def resolve(name: str) -> ModelSpec:
     import timm
 
     base = name.split(".", 1)[0]
-    if base in timm.list_models() or timm.is_model(base):
+    if timm.is_model(base):
         model_cls_cfg = timm.models.get_pretrained_cfg(name) if "." in name else None
         img = 224
         if model_cls_cfg is not None and getattr(model_cls_cfg, "input_size", None):

@@ -8,6 +8,7 @@ never changes it, so a traced graph is fully determined by the plan.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -120,11 +121,16 @@ def default_merge_layers(depth: int) -> list[int]:
     return list(range(max(1, round(depth * 2 / 3))))
 
 
+def _is_real(v: object) -> bool:
+    # numbers.Real admits numpy scalars; bool is an int but never a ratio.
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def check_ratio(r: float) -> None:
-    if not (isinstance(r, (int, float)) and math.isfinite(r) and 0.0 <= r < 1.0):
+    if not (_is_real(r) and math.isfinite(r) and 0.0 <= r < 1.0):
         raise ValueError(f"r must be in [0, 1); got {r!r}")
 
 
 def check_tau(tau: float) -> None:
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and -1.0 <= tau <= 1.0):
+    if not (_is_real(tau) and math.isfinite(tau) and -1.0 <= tau <= 1.0):
         raise ValueError(f"tau must be in [-1, 1]; got {tau!r}")

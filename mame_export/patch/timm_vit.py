@@ -64,7 +64,10 @@ class _MaMeAttention:
             if bias is not None:
                 attn = attn + bias
             out = self.attn_drop(attn.softmax(dim=-1)) @ v
-        out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
+        # An explicit copy, not reshape: with a float mask, the export's SDPA decomposition
+        # changes the output strides after reshape was traced as a view (torch.export bug).
+        out = out.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        out = self.norm(out.view(B, N, self.attn_dim))
         if gate is not None:
             out = out * gate
         return self.proj_drop(self.proj(out)), k.mean(dim=1)
@@ -111,10 +114,12 @@ class _MaMeVisionTransformer:
     """Mixin for timm ``VisionTransformer``: explicit token sizes through blocks and pooling."""
 
     _mame_plan: MergePlan
+    _mame_layers: tuple[int, ...]
 
     def _mame_schedule(self, num_patches: int) -> list[int | None]:
-        plan = self._mame_plan
-        return _schedule(num_patches, plan.r, tuple(plan.merge_layers), len(self.blocks))
+        # The requested layers, not plan.merge_layers: a layer whose rounded
+        # count does not drop still counts in the compounded ratio.
+        return _schedule(num_patches, self._mame_plan.r, self._mame_layers, len(self.blocks))
 
     def _mame_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.patch_embed(x)
@@ -123,7 +128,7 @@ class _MaMeVisionTransformer:
         x = self.norm_pre(x)
         size = None
         schedule = self._mame_schedule(x.shape[1] - self.num_prefix_tokens)
-        for blk, n_keep in zip(self.blocks, schedule):
+        for blk, n_keep in zip(self.blocks, schedule, strict=True):
             x, size = blk(x, size, n_keep)
         return self.norm(x), size
 
@@ -178,16 +183,16 @@ def _schedule(
     """Per block: mergeable tokens to keep, or None where the block does not merge."""
     out = token_schedule(num_patches, r, list(merge_layers), depth)
     prev = [num_patches] + out[:-1]
-    return [n if n < n_prev else None for n, n_prev in zip(out, prev)]
+    return [n if n < n_prev else None for n, n_prev in zip(out, prev, strict=True)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _subclass(mixin: type, base: type) -> type:
     return type(f"MaMe{base.__name__}", (mixin, base), {})
 
 
 def _check_supported(model: nn.Module) -> None:
-    from timm.layers import Attention
+    from timm.layers import Attention, AttentionPoolLatent
     from timm.models.vision_transformer import Block
 
     for i, blk in enumerate(model.blocks):
@@ -197,7 +202,13 @@ def _check_supported(model: nn.Module) -> None:
                 "supports timm ViTs built from the standard Block and Attention only"
             )
     pool = getattr(model, "global_pool", "")
-    if model.attn_pool is None and pool not in _SIZE_POOLS + _PLAIN_POOLS:
+    ap = model.attn_pool
+    if ap is not None and (not isinstance(ap, AttentionPoolLatent) or ap.pos_embed is not None):
+        raise ValueError(
+            f"attention pool {type(ap).__name__} (global_pool={pool!r}) is not supported; MaMe "
+            "supports the MAP head (AttentionPoolLatent without a position embedding)"
+        )
+    if ap is None and pool not in _SIZE_POOLS + _PLAIN_POOLS:
         raise ValueError(f"global_pool={pool!r} is not supported (supported: avg, avgmax, "
                          "token, max, map, none)")
 
@@ -212,7 +223,7 @@ def _macs(model: nn.Module, blocks: list[BlockPlan], merge_cost: bool) -> int:
     p = model.num_prefix_tokens
     n_patches = blocks[0].tokens_in - p
     macs = model.patch_embed.proj.weight.numel() * n_patches
-    for blk, bp in zip(model.blocks, blocks):
+    for blk, bp in zip(model.blocks, blocks, strict=True):
         attn, n = blk.attn, bp.tokens_in
         macs += _linear_macs(attn) * n + 2 * n * n * attn.attn_dim
         macs += _linear_macs(blk.mlp) * bp.tokens_out
@@ -223,16 +234,19 @@ def _macs(model: nn.Module, blocks: list[BlockPlan], merge_cost: bool) -> int:
     if model.attn_pool is not None:
         ap = model.attn_pool
         n_pool = n_final if model.pool_include_prefix else n_final - p
-        macs += ap.kv.weight.numel() * n_pool + ap.q.weight.numel() * ap.latent_len
+        macs += ap.kv.weight.numel() * n_pool + _linear_macs(ap.q) * ap.latent_len
         macs += 2 * ap.latent_len * n_pool * ap.kv.weight.shape[0] // 2
-        macs += (ap.proj.weight.numel() + (_linear_macs(ap.mlp) if ap.mlp is not None else 0)) * ap.latent_len
+        head_mlp = _linear_macs(ap.mlp) if ap.mlp is not None else 0
+        macs += (_linear_macs(ap.proj) + head_mlp) * ap.latent_len
     macs += _linear_macs(model.head) + sum(
         _linear_macs(m) for name, m in model.named_children() if name == "head_dist"
     )
     return int(macs)
 
 
-def _block_plans(model: nn.Module, num_patches: int, r: float, layers: list[int]) -> list[BlockPlan]:
+def _block_plans(
+    model: nn.Module, num_patches: int, r: float, layers: list[int]
+) -> list[BlockPlan]:
     p = model.num_prefix_tokens
     sched = _schedule(num_patches, r, tuple(layers), len(model.blocks))
     plans, n = [], num_patches
@@ -301,7 +315,7 @@ def apply(
     _check_supported(model)
     plan = build_plan(model, r, tau, layers, prop_attn, mode)
     cfg = {"prop_attn": prop_attn, "tau": float(tau), "mode": mode}
-    for blk, bp in zip(model.blocks, plan.blocks):
+    for blk, bp in zip(model.blocks, plan.blocks, strict=True):
         base_blk = _unpatched_class(blk)
         base_attn = _unpatched_class(blk.attn)
         blk.__class__ = _subclass(_MaMeBlock, base_blk)
@@ -313,6 +327,9 @@ def apply(
         )
     model.__class__ = _subclass(_MaMeVisionTransformer, _unpatched_class(model))
     model._mame_plan = plan
+    model._mame_layers = tuple(
+        default_merge_layers(len(model.blocks)) if layers is None else sorted(set(layers))
+    )
     return model
 
 
