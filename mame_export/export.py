@@ -59,7 +59,9 @@ class _Fp32LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
-def reduced_precision_copy(model: nn.Module, dtype: torch.dtype, fp32_norms: bool = True) -> nn.Module:
+def reduced_precision_copy(
+    model: nn.Module, dtype: torch.dtype, fp32_norms: bool = True
+) -> nn.Module:
     """A copy of ``model`` in ``dtype`` for export; LayerNorms stay fp32 when ``fp32_norms``.
 
     MaMe's own weight computation and token sizes are float32 in every precision

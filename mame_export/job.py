@@ -129,12 +129,15 @@ def feeds_maker(io: IOSpec, batch: int):
     """Fresh random float32 inputs per call; runners cast to their own precision."""
     def make(rng: np.random.Generator) -> dict[str, np.ndarray]:
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        return {n: a.numpy() for n, a in zip(io.input_names, io.make_inputs(batch, gen))}
+        arrays = io.make_inputs(batch, gen)
+        return {n: a.numpy() for n, a in zip(io.input_names, arrays, strict=True)}
 
     return make
 
 
-def build_patched(req: ExportRequest, log: Log = stderr_log) -> tuple[ModelSpec, nn.Module, MergePlan, str]:
+def build_patched(
+    req: ExportRequest, log: Log = stderr_log
+) -> tuple[ModelSpec, nn.Module, MergePlan, str]:
     spec = resolve(req.model)
     log(f"[1/5] building {spec.alias} ({spec.source_name}), weights: {req.weights}")
     model, source = build_model(spec, req.weights, req.img_size)
@@ -259,7 +262,7 @@ def metadata(req: ExportRequest, spec: ModelSpec, plan: MergePlan, source: str, 
                      "prop_attn": req.prop_attn, "opset": req.opset, "precision": req.precision,
                      "batch": batch, "img_size": req.img_size or spec.img_size},
         "inputs": [{"name": n, "shape": [batch, *t.shape[1:]], "dtype": str(t.dtype)}
-                   for n, t in zip(io.input_names, example)],
+                   for n, t in zip(io.input_names, example, strict=False)],
         "outputs": list(io.output_names),
         "plan": plan.to_dict(),
         "audit": audit_dict,

@@ -141,7 +141,9 @@ def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
 
-def build_model(spec: ModelSpec, weights: str = "auto", img_size: int | None = None) -> tuple[nn.Module, str]:
+def build_model(
+    spec: ModelSpec, weights: str = "auto", img_size: int | None = None
+) -> tuple[nn.Module, str]:
     """Build the model in eval mode; return it and a description of the weights' source.
 
     ``weights``: "auto" (pretrained from the hub or its local cache, else random

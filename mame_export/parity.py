@@ -172,8 +172,8 @@ def check_parity(
             results.append(RunnerResult(cand.name, "error", f"{type(e).__name__}: {e}"[:300]))
             continue
         stats = []
-        for ref, out in zip(refs, outs):
-            for (name, r), o in zip(ref.items(), out.values()):
+        for ref, out in zip(refs, outs, strict=False):
+            for (name, r), o in zip(ref.items(), out.values(), strict=False):
                 stats.append(compare_outputs(name, r, o, tol))
         worst: dict[str, OutputStats] = {}
         for s in stats:

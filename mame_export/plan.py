@@ -77,7 +77,8 @@ class MergePlan:
 
     def table(self) -> str:
         lines = [
-            f"MaMe plan ({self.family}, mode={self.mode}, r={self.r:g}, tau={self.tau:g}, "
+            f"{'ToMe' if self.family == 'tome' else 'MaMe'} plan ({self.family}, mode={self.mode}, "
+            f"r={self.r:g}, tau={self.tau:g}, "
             f"prop_attn={self.prop_attn}): {self.num_patches} patches"
             f" + {self.num_protected} protected",
             " block  tokens in  tokens out  keep",

@@ -89,7 +89,8 @@ class TorchRunner(Runner):
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self.infer_tensors(feeds)
-        return {n: o.detach().float().cpu().numpy() for n, o in zip(self.output_names, outs)}
+        pairs = zip(self.output_names, outs, strict=False)
+        return {n: o.detach().float().cpu().numpy() for n, o in pairs}
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -164,4 +165,4 @@ class OrtRunner(Runner):
         self.activate()
         names = [o.name for o in self.session.get_outputs()]
         outs = self.session.run(names, {k: self._cast(k, v) for k, v in feeds.items()})
-        return {n: np.asarray(o, dtype=np.float32) for n, o in zip(names, outs)}
+        return {n: np.asarray(o, dtype=np.float32) for n, o in zip(names, outs, strict=False)}

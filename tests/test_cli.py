@@ -37,7 +37,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, subprocess.CompletedProcess]:
+def exported(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("graphs")
     res = run_cli("vit_t", "--r", "0.5", "--out", str(out), "--json", "--seed", "1")
     assert res.returncode == 0, res.stderr

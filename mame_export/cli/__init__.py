@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mame-export {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in SUBCOMMANDS.items():
+    for _name, module in SUBCOMMANDS.items():
         try:
             mod = importlib.import_module(f"mame_export.cli.{module}")
         except ImportError as e:

@@ -31,6 +31,7 @@ __all__ = [
 # Weights and sizes are computed in float32 whatever the token dtype: the
 # normalisations divide by sums that can be tiny, which fp16 cannot hold.
 _EPS = 1e-6
+_TINY = 1e-12
 _REFINE_SLACK = 1e-6
 
 
@@ -95,6 +96,13 @@ def partition(n: int, n_keep: int, device: torch.device | str = "cpu") -> Partit
     return _partition_cached(int(n), int(n_keep), str(torch.device(device)))
 
 
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length in float32; zero rows stay zero with a finite gradient
+    (``F.normalize``'s norm has a NaN gradient at zero)."""
+    v = v.float()
+    return v * torch.rsqrt(v.square().sum(dim=-1, keepdim=True) + _EPS * _EPS)
+
+
 def _normalize_columns(w: torch.Tensor) -> torch.Tensor:
     # Exact for any positive column sum (an additive eps would leave a column
     # that is barely over the threshold summing to well under 1); zero stays zero.
@@ -112,11 +120,13 @@ def mame_weights(
     weights), and a fallback for distinctive sources (all-zero columns) onto
     their most similar target(s). Every column sums to 1.
     """
-    kt = F.normalize(metric_targets.float(), dim=-1, eps=_EPS)
-    ks = F.normalize(metric_sources.float(), dim=-1, eps=_EPS)
+    kt = _unit(metric_targets)
+    ks = _unit(metric_sources)
     sim = kt @ ks.transpose(-1, -2)  # (B, Nt, Ns)
 
-    w = _normalize_columns(F.relu(sim - tau))
+    w = F.relu(sim - tau)
+    # Links weaker than float32 can normalise with a finite gradient count as none.
+    w = _normalize_columns(w * (w > _TINY).float())
     nonzero = (w > 0).float()
     count = nonzero.sum(dim=-2, keepdim=True)
     zeta = w.sum(dim=-2, keepdim=True) / count.clamp_min(1.0)
@@ -205,9 +215,9 @@ def mame_step_adaptive(
     part = partition(n, n_keep, x.device)
     if part.n_sources == 0:
         return x, sizes.float()
-    kt = F.normalize(metric.index_select(1, part.targets).float(), dim=-1, eps=_EPS)
-    ks = F.normalize(metric.index_select(1, part.sources).float(), dim=-1, eps=_EPS)
-    linked_any = (F.relu(kt @ ks.transpose(-1, -2) - tau).sum(dim=-2) > 0)  # (B, Ns)
+    kt = _unit(metric.index_select(1, part.targets))
+    ks = _unit(metric.index_select(1, part.sources))
+    linked_any = ((kt @ ks.transpose(-1, -2) - tau) > _TINY).any(dim=-2)  # (B, Ns)
     retained = ~linked_any.all(dim=0)  # (Ns,) distinctive in some sample
     if not bool(retained.any()):
         merged, new_sizes, _, _ = mame_step(x, metric, sizes, n_keep, tau)

@@ -67,6 +67,8 @@ def apply(
     check_tau(tau)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if getattr(model, "_tome_plan", None) is not None:
+        raise ValueError("model is already ToMe-patched; apply MaMe to an unpatched model")
     fam = family_of(model)
     return fam.apply(model, r, tau=tau, layers=layers, prop_attn=prop_attn, mode=mode)
 
