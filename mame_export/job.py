@@ -54,7 +54,7 @@ class ExportRequest:
     layers: list[int] | None = None
     mode: str = "static"
     prop_attn: bool = True
-    batch: int = 1
+    batch: int | None = None  # None: the model's default (2 for UNets: CFG)
     dynamic_batch: bool = False
     img_size: int | None = None
     weights: str = "auto"
@@ -78,7 +78,7 @@ class ExportRequest:
                 f"mode {self.mode!r} cannot be exported: adaptive MaMe has data-dependent token "
                 "counts (eager only); export with --mode static"
             )
-        if self.batch < 1:
+        if self.batch is not None and self.batch < 1:
             raise UserError(f"--batch must be >= 1; got {self.batch}")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
@@ -141,8 +141,11 @@ def build_patched(
     spec = resolve(req.model)
     log(f"[1/5] building {spec.alias} ({spec.source_name}), weights: {req.weights}")
     model, source = build_model(spec, req.weights, req.img_size)
+    family_options = {}
+    if spec.family == "sd-unet":  # the plan is per latent size
+        family_options["latent_size"] = req.img_size or spec.img_size
     model = apply(model, req.r, tau=req.tau, layers=req.layers, prop_attn=req.prop_attn,
-                  mode=req.mode)
+                  mode=req.mode, **family_options)
     return spec, model, merge_plan(model), source
 
 
@@ -179,6 +182,8 @@ def run_export(req: ExportRequest, log: Log = stderr_log) -> dict[str, Any]:
     req.validate()
     ensure_writable_dir(req.out_dir)
     spec, model, plan, source = build_patched(req, log)
+    if req.batch is None:
+        req.batch = spec.default_batch
     log(plan.table())
     io = io_spec(spec, model, req.img_size)
     dtype = PRECISIONS[req.precision]

@@ -31,6 +31,7 @@ class ModelSpec:
     img_size: int
     description: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    default_batch: int = 1
 
 
 def _vit(alias: str, name: str, img: int, desc: str) -> ModelSpec:
@@ -53,7 +54,8 @@ REGISTRY: dict[str, ModelSpec] = {
         _vit("siglip2_b_512", "vit_base_patch16_siglip_512.v2_webli", 512,
              "SigLIP2-B/16 image tower @512 (1024 patches, MAP head)"),
         ModelSpec("sd21-unet", "stabilityai/stable-diffusion-2-1 unet", "sd-unet", 96,
-                  "Stable Diffusion 2.1 UNet (embedded config), latent 96x96 = 768 px"),
+                  "Stable Diffusion 2.1 UNet (embedded config), latent 96x96 = 768 px",
+                  default_batch=2),  # classifier-free guidance runs two samples per step
     ]
 }
 
@@ -150,14 +152,17 @@ def build_model(
     with a warning), "random", or a checkpoint path.
     """
     if spec.family == "sd-unet":
-        from mame_export.models_sd import build_sd21_unet
+        from mame_export.models_sd import UNetExportWrapper, build_sd21_unet
 
         if weights in ("auto", "random"):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_INIT_SEED)
-                model = build_sd21_unet("random")
-            return model.eval(), f"random init (seed {RANDOM_INIT_SEED})"
-        return build_sd21_unet(weights).eval(), f"file:{Path(weights).resolve()}"
+            if weights == "auto":
+                warn("sd21-unet has no hub download here: using RANDOM weights (seeded); "
+                     "pass --weights DIR_OR_FILE for a local SD 2.1 checkpoint")
+            unet, source = build_sd21_unet("random", seed=RANDOM_INIT_SEED), \
+                f"random init (seed {RANDOM_INIT_SEED})"
+        else:
+            unet, source = build_sd21_unet(weights), f"file:{Path(weights).resolve()}"
+        return UNetExportWrapper(unet).eval(), source
     import timm
 
     kw: dict[str, Any] = dict(spec.kwargs)

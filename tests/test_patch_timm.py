@@ -424,3 +424,18 @@ def test_sdpa_with_the_size_mask_exports_to_a_static_onnx_graph(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert abs(got - ref.numpy()).max() <= 1e-4
+
+
+def test_torch_compile_fullgraph_matches_eager() -> None:
+    """The patched ViT compiles without graph breaks (partition lists become constants)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
+                          num_classes=5).eval()
+    mame_export.apply(m, 0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+        out = torch.compile(m, fullgraph=True)(x)
+    assert torch.allclose(ref, out, atol=1e-5)

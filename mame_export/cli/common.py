@@ -45,7 +45,8 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
                         "or a checkpoint PATH (.safetensors, .pth, .pt)")
     if with_export:
         g = p.add_mutually_exclusive_group()
-        g.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+        g.add_argument("--batch", type=int, default=None,
+                       help="static batch size (default 1; 2 for sd21-unet)")
         g.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis")
         p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                        help="precision of the graph (default fp32)")
@@ -77,7 +78,7 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
     req = ExportRequest(
         model=args.model, r=args.r, tau=args.tau, layers=args.layers, prop_attn=args.prop_attn,
         img_size=args.img_size, weights=args.weights,
-        batch=getattr(args, "batch", 1),
+        batch=getattr(args, "batch", None),
         dynamic_batch=getattr(args, "dynamic_batch", False),
         precision=getattr(args, "precision", "fp32"), opset=getattr(args, "opset", 18),
         out_dir=getattr(args, "out", Path("graphs")),

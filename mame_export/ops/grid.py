@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from mame_export.ops.mame import Partition, _real_tensors
+from mame_export.ops.mame import Partition, real_tensors
 
 __all__ = ["grid_partition", "dither_order"]
 
@@ -64,7 +64,7 @@ def _as_partition(h: int, w: int, n_keep: int, device: str) -> Partition:
 
 @functools.lru_cache(maxsize=256)
 def _grid_partition_cached(h: int, w: int, n_keep: int, device: str) -> Partition:
-    with _real_tensors():  # the cache outlives any trace: never keep fake tensors
+    with real_tensors():  # the cache outlives any trace: never keep fake tensors
         return _as_partition(h, w, n_keep, device)
 
 

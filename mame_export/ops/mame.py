@@ -60,24 +60,41 @@ def _source_positions(n: int, n_src: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=512)
-def _partition_cached(n: int, n_keep: int, device: str) -> Partition:
+def _partition_lists(n: int, n_keep: int) -> tuple[tuple[int, ...], ...]:
+    """(targets, sources, inverse) as plain index tuples."""
     n_src = n - n_keep
     src = _source_positions(n, n_src) if n_src > 0 else []
     src_set = set(src)
     tgt = [i for i in range(n) if i not in src_set]
-    order = tgt + src
     inverse = [0] * n
-    for pos, idx in enumerate(order):
+    for pos, idx in enumerate(tgt + src):
         inverse[idx] = pos
+    return tuple(tgt), tuple(src), tuple(inverse)
+
+
+@torch.compiler.assume_constant_result
+def _partition_lists_constant(n: int, n_keep: int) -> tuple[tuple[int, ...], ...]:
+    # Under torch.compile the lists are evaluated once, outside the trace.
+    return _partition_lists(n, n_keep)
+
+
+def _as_partition(n: int, n_keep: int, device: str) -> Partition:
+    tgt, src, inverse = _partition_lists_constant(n, n_keep)
     as_t = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    return Partition(n, n_keep, as_t(tgt), as_t(src), as_t(inverse))
+
+
+@functools.lru_cache(maxsize=512)
+def _partition_cached(n: int, n_keep: int, device: str) -> Partition:
     # The cache outlives any trace or mode: make real, normal tensors even if the
     # first call happens under an exporter's fake-tensor mode or inference_mode
     # (inference tensors would break a later backward or torch.export).
-    with _real_tensors(), torch.inference_mode(False):
-        return Partition(n, n_keep, as_t(tgt), as_t(src), as_t(inverse))
+    with real_tensors(), torch.inference_mode(False):
+        return _as_partition(n, n_keep, device)
 
 
-def _real_tensors():
+def real_tensors() -> contextlib.AbstractContextManager:
+    """A context in which new tensors are real even inside an exporter's fake mode."""
     try:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
     except ImportError:  # pragma: no cover - older torch
@@ -89,11 +106,15 @@ def partition(n: int, n_keep: int, device: torch.device | str = "cpu") -> Partit
     """The constant partition for ``n`` tokens keeping ``n_keep``; cached.
 
     Depends on ``(n, n_keep)`` only, never on data, and is computed once per
-    (n, n_keep, device) and reused by every forward.
+    (n, n_keep, device) and reused by every forward. Under ``torch.compile`` the
+    index lists become graph constants and nothing is cached.
     """
     if not 0 < n_keep <= n:
         raise ValueError(f"n_keep must be in [1, n]; got n={n}, n_keep={n_keep}")
-    return _partition_cached(int(n), int(n_keep), str(torch.device(device)))
+    device = str(torch.device(device))
+    if torch.compiler.is_compiling():
+        return _as_partition(int(n), int(n_keep), device)
+    return _partition_cached(int(n), int(n_keep), device)
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ def apply(
     layers: list[int] | None = None,
     prop_attn: bool = True,
     mode: str = "static",
+    **family_options: object,
 ) -> nn.Module:
     """Patch ``model`` in place with MaMe and return it.
 
@@ -59,6 +60,8 @@ def apply(
         prop_attn: add log(token size) to attention logits (proportional attention).
         mode: "static" (fixed shapes, exportable) or "adaptive" (the paper's
             retention of distinctive tokens; eager only, data-dependent count).
+        **family_options: options only one family knows, e.g. for diffusers UNets
+            ``merge_crossattn``, ``merge_mlp`` and ``latent_size``.
 
     The merge plan is computed here, once, and stored on the model; read it
     with :func:`merge_plan`.
@@ -70,7 +73,8 @@ def apply(
     if getattr(model, "_tome_plan", None) is not None:
         raise ValueError("model is already ToMe-patched; apply MaMe to an unpatched model")
     fam = family_of(model)
-    return fam.apply(model, r, tau=tau, layers=layers, prop_attn=prop_attn, mode=mode)
+    return fam.apply(model, r, tau=tau, layers=layers, prop_attn=prop_attn, mode=mode,
+                     **family_options)
 
 
 def merge_plan(model: nn.Module) -> MergePlan:

@@ -119,7 +119,9 @@ class _MaMeVisionTransformer:
     def _mame_schedule(self, num_patches: int) -> list[int | None]:
         # The requested layers, not plan.merge_layers: a layer whose rounded
         # count does not drop still counts in the compounded ratio.
-        return _schedule(num_patches, self._mame_plan.r, self._mame_layers, len(self.blocks))
+        # Under torch.compile, trace the function itself (dynamo ignores lru_cache anyway).
+        fn = _schedule.__wrapped__ if torch.compiler.is_compiling() else _schedule
+        return fn(num_patches, self._mame_plan.r, self._mame_layers, len(self.blocks))
 
     def _mame_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.patch_embed(x)
