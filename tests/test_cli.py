@@ -269,3 +269,28 @@ def test_trt_option_validation_happens_before_export(tmp_path: Path, capsys) -> 
     assert code == 2
     assert_one_line_error(capsys.readouterr().err, "--min-batch 8 is larger than --max-batch 4")
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_fp16_graph_parity_through_onnxruntime(tmp_path: Path) -> None:
+    res = run_cli("vit_t", "--r", "0.5", "--weights", "random", "--precision", "fp16",
+                  "--out", str(tmp_path), "--parity-batches", "2", "--json")
+    assert res.returncode == 0, res.stderr
+    meta = json.loads(res.stdout)
+    graph = onnx.load(meta["onnx"], load_external_data=False)
+    assert graph.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    parity = meta["parity"]
+    assert parity["precision"] == "fp16" and parity["passed"]
+    onnxrt = next(r for r in parity["runners"] if r["runner"] == "onnxrt")
+    assert onnxrt["outputs"][0]["cosine"] >= 0.999
+    assert onnxrt["outputs"][0]["top1_agreement"] >= 0.98
+
+
+def test_bf16_graph_cannot_pass_without_a_bf16_runner(tmp_path: Path) -> None:
+    # ONNX Runtime's CPU provider has no bf16 kernels: the check must say so, not pass.
+    res = run_cli("vit_t", "--r", "0.5", "--weights", "random", "--precision", "bf16",
+                  "--out", str(tmp_path), "--parity-batches", "1", "--json")
+    assert res.returncode == 1
+    parity = json.loads(res.stdout)["parity"]
+    assert parity["passed"] is False
+    onnxrt = next(r for r in parity["runners"] if r["runner"] == "onnxrt")
+    assert onnxrt["status"] == "error" and onnxrt["reason"]

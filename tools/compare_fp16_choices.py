@@ -1,0 +1,56 @@
+"""Which reduced-precision export is closer to fp32 eager PyTorch? Export one MaMe model in
+fp16 twice (LayerNorms in fp16, LayerNorms kept in fp32) and compare both through ONNX
+Runtime CPU on the same fresh random inputs.
+
+    python tools/compare_fp16_choices.py --model vit_s --r 0.5 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mame_export import apply
+from mame_export.export import export_onnx, reduced_precision_copy
+from mame_export.job import versions
+from mame_export.models import build_model, resolve
+from mame_export.parity import TOLERANCES, compare_outputs
+from mame_export.runners import OrtRunner
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="vit_s")
+    ap.add_argument("--r", type=float, default=0.5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--out", default="benchmarks/results/fp16_choices_cpu.json")
+    args = ap.parse_args()
+    spec = resolve(args.model)
+    model, source = build_model(spec, "random")
+    apply(model, args.r)
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randn(args.batch, 3, spec.img_size, spec.img_size, generator=gen)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for fp32_norms in (False, True):
+            half = reduced_precision_copy(model, torch.float16, fp32_norms=fp32_norms)
+            path = Path(tmp) / f"norms{int(fp32_norms)}.onnx"
+            export_onnx(half, (x.half(),), path)
+            out = OrtRunner(path).infer({"pixels": x.numpy()})["logits"]
+            stats = compare_outputs("logits", ref, out, TOLERANCES["fp16"])
+            results["layernorm_fp32" if fp32_norms else "layernorm_fp16"] = vars(stats)
+    report = {"command": f"python tools/compare_fp16_choices.py --model {args.model} "
+                         f"--r {args.r} --batch {args.batch}",
+              "weights": source, "versions": versions(), "results": results}
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
