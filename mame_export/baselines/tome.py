@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mame_export.patch import timm_vit
+from mame_export.patch.timm_vit import SizedAttention, log_size_bias
 from mame_export.plan import BlockPlan, MergePlan, check_ratio
 
 FAMILY = "tome"
@@ -110,37 +111,6 @@ def merge_wavg(
     return summed / new_sizes.to(x.dtype), new_sizes
 
 
-def _log_size_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """(B, N, 1) sizes -> (B, 1, 1, N) additive attention bias (proportional attention)."""
-    if size is None:
-        return None
-    return size.log().to(dtype).transpose(1, 2).unsqueeze(1)
-
-
-class _ToMeAttention:
-    """Mixin for timm ``Attention``: adds the key-size bias, also returns the keys' head mean."""
-
-    def forward(  # type: ignore[override]
-        self, x: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
-            )
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                attn = attn + bias
-            out = self.attn_drop(attn.softmax(dim=-1)) @ v
-        out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
-        if gate is not None:
-            out = out * gate
-        return self.proj_drop(self.proj(out)), k.mean(dim=1)
 
 
 class _ToMeBlock:
@@ -153,7 +123,7 @@ class _ToMeBlock:
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, size: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bias = _log_size_bias(size, x.dtype) if self._tome_prop_attn else None
+        bias = log_size_bias(size, x.dtype) if self._tome_prop_attn else None
         attn_out, metric = self.attn(self.norm1(x), bias)
         x = x + self.drop_path1(self.ls1(attn_out))
         if self._tome_remove > 0:
@@ -201,7 +171,7 @@ class _ToMeVisionTransformer:
         if self.attn_pool is not None:
             bias = None
             if size is not None and self._tome_plan.prop_attn:
-                bias = _log_size_bias(size[:, p:], x.dtype)
+                bias = log_size_bias(size[:, p:], x.dtype)
             return self.attn_pool(x[:, p:], attn_mask=bias)
         tokens = x[:, p:]
         if size is None:
@@ -342,7 +312,7 @@ def apply_tome(
     )
     for blk, bp in zip(model.blocks, plan.blocks, strict=True):
         blk.__class__ = _subclass(_ToMeBlock, _unpatched_class(blk))
-        blk.attn.__class__ = _subclass(_ToMeAttention, _unpatched_class(blk.attn))
+        blk.attn.__class__ = _subclass(SizedAttention, _unpatched_class(blk.attn))
         blk._tome_remove = bp.tokens_in - bp.tokens_out
         blk._tome_protected = model.num_prefix_tokens
         blk._tome_prop_attn = prop_attn

@@ -37,15 +37,16 @@ def matches(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
-def _log_size_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def log_size_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """(B, N, 1) sizes -> (B, 1, 1, N) additive attention bias, or None."""
     if size is None:
         return None
     return size.log().to(dtype).transpose(1, 2).unsqueeze(1)
 
 
-class _MaMeAttention:
-    """Mixin for timm ``Attention``: adds a key-size bias and returns the merge metric."""
+class SizedAttention:
+    """Mixin for timm ``Attention``: adds a key-size bias and returns the merge metric
+    (keys averaged over heads). Shared by MaMe and the ToMe baseline."""
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, bias: torch.Tensor | None = None
@@ -84,7 +85,7 @@ class _MaMeBlock:
         self, x: torch.Tensor, size: torch.Tensor | None, n_keep: int | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg = self._mame_cfg
-        bias = _log_size_bias(size, x.dtype) if cfg["prop_attn"] else None
+        bias = log_size_bias(size, x.dtype) if cfg["prop_attn"] else None
         attn_out, metric = self.attn(self.norm1(x), bias)
         x = x + self.drop_path1(self.ls1(attn_out))
         if n_keep is not None:
@@ -148,7 +149,7 @@ class _MaMeVisionTransformer:
     def _mame_pool(self, x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
         p = 0 if self.pool_include_prefix else self.num_prefix_tokens
         if self.attn_pool is not None:
-            bias = _log_size_bias(size[:, p:], x.dtype) if size is not None else None
+            bias = log_size_bias(size[:, p:], x.dtype) if size is not None else None
             if not self._mame_plan.prop_attn:
                 bias = None
             return self.attn_pool(x[:, p:], attn_mask=bias)
@@ -321,7 +322,7 @@ def apply(
         base_blk = _unpatched_class(blk)
         base_attn = _unpatched_class(blk.attn)
         blk.__class__ = _subclass(_MaMeBlock, base_blk)
-        blk.attn.__class__ = _subclass(_MaMeAttention, base_attn)
+        blk.attn.__class__ = _subclass(SizedAttention, base_attn)
         blk._mame_protected = model.num_prefix_tokens
         blk._mame_cfg = cfg
         blk._mame_keep_ratio = (bp.tokens_out - plan.num_protected) / (

@@ -10,13 +10,11 @@ comes from a fp16 graph, never from a builder flag.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,7 +25,12 @@ import onnx
 import torch
 
 from mame_export.errors import UserError
-from mame_export.export import OutputDirError, atomic_write_text, ensure_writable_dir, sha256_file
+from mame_export.export import (
+    atomic_write_bytes,
+    atomic_write_text,
+    ensure_writable_dir,
+    sha256_file,
+)
 from mame_export.trt.detect import tensorrt_status
 
 if TYPE_CHECKING:
@@ -339,7 +342,7 @@ def build_engine(onnx_path: str | os.PathLike[str], options: EngineOptions,
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     sidecar.unlink(missing_ok=True)  # an old sidecar must never vouch for the new plan
-    write_bytes_atomic(plan, data)
+    atomic_write_bytes(plan, data)
     atomic_write_text(sidecar, json.dumps(metadata, indent=2) + "\n")
     return EngineResult(plan, sidecar, metadata, reused=False)
 
@@ -351,22 +354,6 @@ def _load_graph(path: Path) -> onnx.ModelProto:
         return onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
         raise EngineBuildError(f"cannot read ONNX graph {path}: {type(e).__name__}") from None
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` via a temporary file in the same folder and a rename."""
-    ensure_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno == 28:
-            raise OutputDirError(f"no space left on device while writing {path}") from None
-        raise
 
 
 def _build_plan(onnx_path: Path, profile: list[ProfileShape], options: EngineOptions) -> bytes:
@@ -400,7 +387,7 @@ def _build_plan(onnx_path: Path, profile: list[ProfileShape], options: EngineOpt
         raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path.name}; "
                                "its log above says why")
     if options.timing_cache is not None:
-        write_bytes_atomic(Path(options.timing_cache),
+        atomic_write_bytes(Path(options.timing_cache),
                            bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
