@@ -94,8 +94,8 @@ class ExportRequest:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "mame-export": mame_export.__version__}
-    for pkg in ("torch", "timm", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
-                "diffusers", "tensorrt", "polygraphy"):
+    for pkg in ("torch", "timm", "numpy", "onnx", "onnxscript", "onnxruntime",
+                "onnxruntime-gpu", "diffusers", "tensorrt", "polygraphy"):
         try:
             out[pkg] = importlib_metadata.version(pkg)
         except importlib_metadata.PackageNotFoundError:

@@ -261,7 +261,6 @@ def versions() -> dict[str, str]:
     from mame_export.job import versions as package_versions
 
     out = package_versions()
-    out["numpy"] = np.__version__
     out["torch_cuda"] = str(torch.version.cuda)
     with contextlib.suppress(ImportError):
         import onnxruntime as ort

@@ -39,7 +39,6 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,7 @@ from sd_generate_compare import patched  # noqa: E402
 
 from mame_export.audit import forbidden_ops, op_census  # noqa: E402
 from mame_export.export import atomic_write_text  # noqa: E402
+from mame_export.job import versions  # noqa: E402
 from mame_export.models_sd import (  # noqa: E402
     INPUT_NAMES,
     OUTPUT_NAMES,
@@ -237,14 +237,13 @@ def drift_and_latency(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("torch", "diffusers", "tomesd", "onnx", "onnxscript", "onnxruntime", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+def tomesd_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("tomesd")
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -275,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
+        "versions": versions() | {"tomesd": tomesd_version()},
         "cpu": {"name": cpu_name(), "cores_visible": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
                 "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},

@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ import torch
 import mame_export
 from mame_export.audit import audit
 from mame_export.export import atomic_write_text, export_onnx
+from mame_export.job import versions
 from mame_export.models_sd import (
     INPUT_NAMES,
     OUTPUT_NAMES,
@@ -127,16 +127,6 @@ def check(args: argparse.Namespace, steps: Steps, workdir: Path) -> dict[str, An
                    "reference_abs_max": float(np.abs(ref).max()),
                    "onnxruntime_session_create_s": round(session_s, 1)},
     }
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("torch", "diffusers", "onnx", "onnxscript", "onnxruntime", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

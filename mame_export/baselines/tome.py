@@ -32,7 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mame_export.patch import timm_vit
-from mame_export.patch.timm_vit import SizedAttention, log_size_bias
+from mame_export.patch.timm_vit import (
+    SizedAttention,
+    head_with_sizes,
+    log_size_bias,
+    merge_unprotected,
+    no_extra_args,
+)
 from mame_export.plan import BlockPlan, MergePlan, check_ratio
 
 FAMILY = "tome"
@@ -134,14 +140,12 @@ class _ToMeBlock:
     def _merge(
         self, x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self._tome_protected
-        if size is None:
-            size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
-        m = bipartite_soft_matching(metric[:, p:], self._tome_remove)
-        merged, s_new = merge_wavg(m, x[:, p:], size[:, p:])
-        if p == 0:
-            return merged, s_new
-        return torch.cat([x[:, :p], merged], dim=1), torch.cat([size[:, :p], s_new], dim=1)
+        def step(
+            x_m: torch.Tensor, k_m: torch.Tensor, s_m: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return merge_wavg(bipartite_soft_matching(k_m, self._tome_remove), x_m, s_m)
+
+        return merge_unprotected(x, size, metric, self._tome_protected, step)
 
 
 class _ToMeVisionTransformer:
@@ -160,44 +164,23 @@ class _ToMeVisionTransformer:
         return self.norm(x), size
 
     def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        _no_extra_args(args, kwargs)
+        no_extra_args(args, kwargs, "ToMe")
         return self._tome_features(x)[0]
 
     def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("forward_intermediates is not supported on a ToMe-patched model")
-
-    def _tome_pool(self, x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
-        p = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        if self.attn_pool is not None:
-            bias = None
-            if size is not None and self._tome_plan.prop_attn:
-                bias = log_size_bias(size[:, p:], x.dtype)
-            return self.attn_pool(x[:, p:], attn_mask=bias)
-        tokens = x[:, p:]
-        if size is None:
-            avg = tokens.mean(dim=1)
-        else:
-            s = size[:, p:].to(x.dtype)
-            avg = (tokens * s).sum(dim=1) / s.sum(dim=1)
-        return avg if self.global_pool == "avg" else 0.5 * (tokens.amax(dim=1) + avg)
 
     def forward_head(  # type: ignore[override]
         self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self.attn_pool is None and self.global_pool in _PLAIN_POOLS:
             return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
-        x = self.head_drop(self.fc_norm(self._tome_pool(x, size)))
-        return x if pre_logits else self.head(x)
+        return head_with_sizes(self, x, size, self._tome_plan.prop_attn, pre_logits)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        _no_extra_args(args, kwargs)
+        no_extra_args(args, kwargs, "ToMe")
         x, size = self._tome_features(x)
         return self.forward_head(x, size=size)
-
-
-def _no_extra_args(args: tuple, kwargs: dict) -> None:
-    if args or any(v is not None and v is not False for v in kwargs.values()):
-        raise NotImplementedError("ToMe-patched ViTs take no attention mask or causal flag")
 
 
 @functools.cache

@@ -74,6 +74,58 @@ class SizedAttention:
         return self.proj_drop(self.proj(out)), k.mean(dim=1)
 
 
+def no_extra_args(args: tuple, kwargs: dict, method: str) -> None:
+    """Patched ViTs run their own block loop: attention masks and causal flags are refused."""
+    if args or any(v is not None and v is not False for v in kwargs.values()):
+        raise NotImplementedError(f"{method}-patched ViTs take no attention mask or causal flag")
+
+
+def merge_unprotected(
+    x: torch.Tensor,
+    size: torch.Tensor | None,
+    metric: torch.Tensor,
+    protected: int,
+    merge: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``merge(x_m, metric_m, size_m) -> (merged, sizes)`` to the mergeable tokens;
+    the ``protected`` leading tokens (class, distillation, registers) stay in front."""
+    p = protected
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
+    merged, s_new = merge(x[:, p:], metric[:, p:], size[:, p:])
+    if p == 0:
+        return merged, s_new
+    return torch.cat([x[:, :p], merged], dim=1), torch.cat([size[:, :p], s_new], dim=1)
+
+
+def pool_with_sizes(
+    model: nn.Module, x: torch.Tensor, size: torch.Tensor | None, prop_attn: bool
+) -> torch.Tensor:
+    """Size-aware pooling: a weighted average for avg/avgmax, the log-size bias for MAP heads."""
+    p = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    if model.attn_pool is not None:
+        bias = log_size_bias(size[:, p:], x.dtype) if size is not None and prop_attn else None
+        return model.attn_pool(x[:, p:], attn_mask=bias)
+    tokens = x[:, p:]
+    if size is None:
+        avg = tokens.mean(dim=1)
+    else:
+        s = size[:, p:].to(x.dtype)
+        avg = (tokens * s).sum(dim=1) / s.sum(dim=1)
+    if model.global_pool == "avg":
+        return avg
+    return 0.5 * (tokens.amax(dim=1) + avg)  # avgmax
+
+
+def head_with_sizes(
+    model: nn.Module, x: torch.Tensor, size: torch.Tensor | None, prop_attn: bool,
+    pre_logits: bool,
+) -> torch.Tensor:
+    """timm's forward_head with :func:`pool_with_sizes` in place of its pooling."""
+    x = model.head_drop(model.fc_norm(pool_with_sizes(model, x, size, prop_attn)))
+    return x if pre_logits else model.head(x)
+
+
 class _MaMeBlock:
     """Mixin for timm ``Block``: attention, then (maybe) MaMe, then the MLP."""
 
@@ -96,19 +148,18 @@ class _MaMeBlock:
     def _merge(
         self, x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, n_keep: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        p, cfg = self._mame_protected, self._mame_cfg
-        B, N, _ = x.shape
-        if size is None:
-            size = x.new_ones(B, N, 1, dtype=torch.float32)
-        x_m, s_m, k_m = x[:, p:], size[:, p:], metric[:, p:]
-        if cfg["mode"] == "adaptive":
-            n_keep = max(1, round((N - p) * self._mame_keep_ratio))
-            merged, s_new = mame_step_adaptive(x_m, k_m, s_m, n_keep, cfg["tau"])
-        else:
+        cfg = self._mame_cfg
+
+        def step(
+            x_m: torch.Tensor, k_m: torch.Tensor, s_m: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if cfg["mode"] == "adaptive":
+                keep = max(1, round(x_m.shape[1] * self._mame_keep_ratio))
+                return mame_step_adaptive(x_m, k_m, s_m, keep, cfg["tau"])
             merged, s_new, _, _ = mame_step(x_m, k_m, s_m, n_keep, cfg["tau"])
-        if p == 0:
             return merged, s_new
-        return torch.cat([x[:, :p], merged], dim=1), torch.cat([size[:, :p], s_new], dim=1)
+
+        return merge_unprotected(x, size, metric, self._mame_protected, step)
 
 
 class _MaMeVisionTransformer:
@@ -136,8 +187,7 @@ class _MaMeVisionTransformer:
         return self.norm(x), size
 
     def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or any(v is not None and v is not False for v in kwargs.values()):
-            raise NotImplementedError("MaMe-patched ViTs take no attention mask or causal flag")
+        no_extra_args(args, kwargs, "MaMe")
         return self._mame_features(x)[0]
 
     def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
@@ -146,35 +196,15 @@ class _MaMeVisionTransformer:
             "use forward() or forward_features()"
         )
 
-    def _mame_pool(self, x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
-        p = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        if self.attn_pool is not None:
-            bias = log_size_bias(size[:, p:], x.dtype) if size is not None else None
-            if not self._mame_plan.prop_attn:
-                bias = None
-            return self.attn_pool(x[:, p:], attn_mask=bias)
-        tokens = x[:, p:]
-        if size is None:
-            avg = tokens.mean(dim=1)
-        else:
-            s = size[:, p:].to(x.dtype)
-            avg = (tokens * s).sum(dim=1) / s.sum(dim=1)
-        if self.global_pool == "avg":
-            return avg
-        return 0.5 * (tokens.amax(dim=1) + avg)  # avgmax
-
     def forward_head(  # type: ignore[override]
         self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self.attn_pool is None and self.global_pool in _PLAIN_POOLS:
             return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
-        x = self.fc_norm(self._mame_pool(x, size))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        return head_with_sizes(self, x, size, self._mame_plan.prop_attn, pre_logits)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        if args or any(v is not None and v is not False for v in kwargs.values()):
-            raise NotImplementedError("MaMe-patched ViTs take no attention mask or causal flag")
+        no_extra_args(args, kwargs, "MaMe")
         x, size = self._mame_features(x)
         return self.forward_head(x, size=size)
 

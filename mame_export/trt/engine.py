@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 import torch
 
+from mame_export.audit import load_graph
 from mame_export.errors import UserError
 from mame_export.export import (
     atomic_write_bytes,
@@ -300,7 +301,7 @@ def build_engine(onnx_path: str | os.PathLike[str], options: EngineOptions,
     trt, reason = tensorrt_status()
     if trt is None:
         raise TensorRTUnavailable(reason)
-    model = _load_graph(onnx_path)
+    model = load_graph(onnx_path)
     inputs = graph_inputs(model)
     profile = resolve_profile(inputs, options)
     precision = graph_precision(model)
@@ -345,15 +346,6 @@ def build_engine(onnx_path: str | os.PathLike[str], options: EngineOptions,
     atomic_write_bytes(plan, data)
     atomic_write_text(sidecar, json.dumps(metadata, indent=2) + "\n")
     return EngineResult(plan, sidecar, metadata, reused=False)
-
-
-def _load_graph(path: Path) -> onnx.ModelProto:
-    if not path.is_file():
-        raise EngineBuildError(f"graph not found: {path}")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
-        raise EngineBuildError(f"cannot read ONNX graph {path}: {type(e).__name__}") from None
 
 
 def _build_plan(onnx_path: Path, profile: list[ProfileShape], options: EngineOptions) -> bytes:
