@@ -11,7 +11,7 @@ import platform
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -65,15 +65,18 @@ class ExportRequest:
     seed: int | None = None
     trt: Any = None  # mame_export.trt.engine.EngineOptions when an engine is wanted
     engines_dir: Path = Path("engines")
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self) -> None:
+    def validate(self, export: bool = True) -> None:
+        """One-line UserErrors for bad settings; ``export=False`` allows adaptive mode
+        (a plan or an eager run, not a graph)."""
         try:
             check_ratio(self.r)
             check_tau(self.tau)
         except ValueError as e:
             raise UserError(str(e)) from None
-        if self.mode != "static":
+        if self.mode not in ("static", "adaptive"):
+            raise UserError(f"--mode must be static or adaptive; got {self.mode!r}")
+        if export and self.mode != "static":
             raise UserError(
                 f"mode {self.mode!r} cannot be exported: adaptive MaMe has data-dependent token "
                 "counts (eager only); export with --mode static"

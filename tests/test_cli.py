@@ -294,3 +294,13 @@ def test_bf16_graph_cannot_pass_without_a_bf16_runner(tmp_path: Path) -> None:
     assert parity["passed"] is False
     onnxrt = next(r for r in parity["runners"] if r["runner"] == "onnxrt")
     assert onnxrt["status"] == "error" and onnxrt["reason"]
+
+
+def test_mode_flag_plans_adaptive_but_refuses_to_export_it(tmp_path: Path, capsys) -> None:
+    assert main(["plan", "vit_t", "--r", "0.5", "--mode", "adaptive", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["mode"] == "adaptive" and plan["notes"]
+    out = tmp_path / "g"
+    assert main(["vit_t", "--mode", "adaptive", "--out", str(out)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "export with --mode static")
+    assert not out.exists() or list(out.iterdir()) == []

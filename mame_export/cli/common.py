@@ -39,6 +39,9 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
                    help="blocks that merge, e.g. 0-7 (default: first two thirds)")
     p.add_argument("--no-prop-attn", dest="prop_attn", action="store_false",
                    help="turn off proportional attention (log size bias)")
+    p.add_argument("--mode", choices=("static", "adaptive"), default="static",
+                   help="static (fixed shapes, exportable; default) or adaptive (the paper's "
+                        "retention of distinctive tokens: eager only, for plan)")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: model's)")
     p.add_argument("--weights", default="auto",
                    help="auto (hub or its cache, else random with a warning), random, "
@@ -74,9 +77,10 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
                    help="print exactly one JSON object on stdout (logs go to stderr)")
 
 
-def request_from_args(args: argparse.Namespace) -> ExportRequest:
+def request_from_args(args: argparse.Namespace, export: bool = True) -> ExportRequest:
     req = ExportRequest(
         model=args.model, r=args.r, tau=args.tau, layers=args.layers, prop_attn=args.prop_attn,
+        mode=args.mode,
         img_size=args.img_size, weights=args.weights,
         batch=getattr(args, "batch", None),
         dynamic_batch=getattr(args, "dynamic_batch", False),
@@ -95,5 +99,5 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         req.engines_dir = args.engines
     if req.parity_batches < 1:
         raise UserError("--parity-batches must be >= 1")
-    req.validate()
+    req.validate(export=export)
     return req

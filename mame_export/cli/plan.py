@@ -17,9 +17,9 @@ def run(args: argparse.Namespace) -> int:
     from mame_export.cli import print_json
     from mame_export.job import build_patched
 
-    req = request_from_args(args)
-    args.weights = "random" if args.weights == "auto" else args.weights
-    req.weights = args.weights  # the plan does not depend on weight values
+    req = request_from_args(args, export=False)
+    if req.weights == "auto":
+        req.weights = "random"  # the plan does not depend on weight values
     spec, _, plan, _ = build_patched(req, log=lambda _msg: None)
     if args.json:
         print_json({"model": spec.alias, "source": spec.source_name, "plan": plan.to_dict()})
