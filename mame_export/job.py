@@ -63,6 +63,7 @@ class ExportRequest:
     out_dir: Path = Path("graphs")
     parity_batches: int = 3
     seed: int | None = None
+    runners: tuple[str, ...] = ("onnxrt", "onnxrt-cuda")  # compared against eager PyTorch
     trt: Any = None  # mame_export.trt.engine.EngineOptions when an engine is wanted
     engines_dir: Path = Path("engines")
 
@@ -210,7 +211,7 @@ def run_export(req: ExportRequest, log: Log = stderr_log) -> dict[str, Any]:
     log(report.summary())
 
     log(f"[4/5] parity vs eager PyTorch (fp32) on {req.parity_batches} fresh random batches ...")
-    ref, cands = select_runners(model, io, onnx_path, ("onnxrt", "onnxrt-cuda"))
+    ref, cands = select_runners(model, io, onnx_path, req.runners, req.trt, req.engines_dir)
     parity_batch = 2 if req.dynamic_batch else req.batch
     parity = check_parity(ref, cands, feeds_maker(io, parity_batch), req.precision,
                           batches=req.parity_batches, seed=req.seed)

@@ -91,6 +91,15 @@ class ParityReport:
         vals = [r.max_abs_diff for r in self.compared if r.max_abs_diff is not None]
         return max(vals) if vals else None
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ParityReport:
+        """The inverse of :meth:`to_dict` (e.g. for a report read from a graph's sidecar)."""
+        tol = Tolerance(**{k: v for k, v in d["tolerance"].items() if k != "text"})
+        results = [RunnerResult(r["runner"], r["status"], r["reason"],
+                                [OutputStats(**o) for o in r["outputs"]])
+                   for r in d["runners"]]
+        return cls(d["reference"], d["precision"], tol, d["batches"], d["seed"], results)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "reference": self.reference,

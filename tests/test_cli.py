@@ -304,3 +304,13 @@ def test_mode_flag_plans_adaptive_but_refuses_to_export_it(tmp_path: Path, capsy
     assert main(["vit_t", "--mode", "adaptive", "--out", str(out)]) == 2
     assert_one_line_error(capsys.readouterr().err, "export with --mode static")
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_parity_of_a_model_exports_once_and_reports_every_runner(capsys) -> None:
+    code = main(["parity", "vit_t", "--r", "0.5", "--weights", "random", "--parity-batches",
+                 "1", "--runners", "onnxrt,tensorrt"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.err.count("[2/5] exporting") == 1
+    assert "onnxrt         PASSED" in captured.out
+    assert "tensorrt       SKIPPED" in captured.out

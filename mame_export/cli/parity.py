@@ -33,13 +33,13 @@ def run(args: argparse.Namespace) -> int:
                                   weights=weights)
     else:
         from mame_export.job import run_export
+        from mame_export.parity import ParityReport
 
         req = request_from_args(args)
+        req.runners = tuple(runners)
         with tempfile.TemporaryDirectory(prefix="mame-parity-") as tmp:
             req.out_dir = Path(tmp)
-            meta = run_export(req)
-            report = parity_for_graph(Path(meta["onnx"]), runners, args.parity_batches,
-                                      args.seed, weights=weights)
+            report = ParityReport.from_dict(run_export(req)["parity"])
     if args.json:
         print_json(report.to_dict())
     else:
