@@ -106,6 +106,12 @@ def token_schedule(num_patches: int, r: float, merge_layers: list[int], depth: i
     block leaves exactly ``round(num_patches * (1 - r))`` patches.
     """
     check_ratio(r)
+    return token_counts(num_patches, r, merge_layers, depth)
+
+
+def token_counts(num_patches: int, r: float, merge_layers: list[int], depth: int) -> list[int]:
+    """:func:`token_schedule` without the argument check: plain arithmetic that
+    ``torch.compile`` folds into constants (its ``math.isfinite`` breaks the graph)."""
     merge_set = set(merge_layers)
     L = len(merge_set)
     out, n, done = [], num_patches, 0

@@ -5,8 +5,10 @@ same tokens per block as MaMe at that r). Backends: ``torch`` (eager),
 ``torch-compile``, ``onnxrt`` (CPU), ``onnxrt-cuda`` and ``tensorrt``. A backend
 or variant that cannot run is a row with a ``skipped`` reason and no timings.
 
-Method (see docs/profiling.md): warm-up, then timed iterations until both a
-minimum count and a time budget are reached; several fresh random input sets
+Method (see docs/profiling.md): the variants of one (backend, batch) are timed
+in turns, one call each per round, so drift of a shared machine hits them alike;
+warm-up, then rounds until every variant has a minimum count and a time budget
+is spent; several fresh random input sets
 (never zeros) rotated; CUDA events on GPU, a synchronised wall clock elsewhere;
 CPU threads pinned for PyTorch and ONNX Runtime alike; median, p90 and p99.
 Speed-ups are ratios against the baseline on the same backend and batch,
@@ -23,10 +25,10 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ VARIANTS = ("baseline", "mame", "tome")
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 
 Log = Callable[[str], None]
+Key = TypeVar("Key", bound=Hashable)
 
 
 def stderr_log(msg: str) -> None:
@@ -90,7 +93,7 @@ class Stats:
     iterations: int
 
 
-def summarize(samples_ms: Sequence[float]) -> Stats:
+def summarize(samples_ms: Sequence[float] | np.ndarray) -> Stats:
     """Median, p90, p99 (linear interpolation between order statistics) and mean."""
     a = np.asarray(samples_ms, dtype=np.float64)
     if a.size == 0 or not np.all(np.isfinite(a)):
@@ -112,6 +115,100 @@ def random_input_sets(
     return [torch.randn(batch, *shape, generator=gen).numpy() for _ in range(n_sets)]
 
 
+@dataclass
+class Prepared:
+    """A ready-to-time backend: ``step(input)`` runs one inference."""
+
+    step: Callable[[Any], object]
+    inputs: list[Any]
+    sync: Callable[[], None] | None = None
+    cuda_events: bool = False
+    hold: Any = None  # objects the step needs alive (engine, output buffers)
+
+
+def _warm_up(p: Prepared, settings: TimingSettings) -> None:
+    """``warmup_iters`` calls, continued up to ``warmup_s`` (at most 10x the count)."""
+    i, t_end = 0, time.perf_counter() + settings.warmup_s
+    while i < settings.warmup_iters or (
+        time.perf_counter() < t_end and i < 10 * max(settings.warmup_iters, 1)
+    ):
+        p.step(p.inputs[i % len(p.inputs)])
+        i += 1
+    if p.sync:
+        p.sync()
+
+
+def _time_once(p: Prepared, x: Any) -> float:
+    """One timed call in ms: CUDA events on GPU, else a synchronised wall clock."""
+    if p.cuda_events:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        p.step(x)
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+    t0 = time.perf_counter()
+    p.step(x)
+    if p.sync:
+        p.sync()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure_interleaved(
+    prepared: Mapping[Key, Prepared], settings: TimingSettings
+) -> dict[Key, np.ndarray | Exception]:
+    """Time several steps in turns; return per-step latencies in ms (or the error it raised).
+
+    Each step is warmed up, then the steps run round-robin, one call each per
+    round, with the starting step rotating from round to round. A slow drift of
+    a shared machine (another process, clock or thermal state) therefore lands
+    on every step alike and their ratios stay fair, which timing them one after
+    another does not give. Each step's inputs rotate through its own sets.
+    Rounds go on until every step has ``min_iters`` samples and
+    ``budget_s`` x (number of steps) seconds have passed, or ``max_iters``.
+    A step that raises (e.g. out of memory) leaves the rotation with its error;
+    the others go on.
+    """
+    out: dict[Key, np.ndarray | Exception] = {}
+    active: dict[Key, Prepared] = {}
+    for key, p in prepared.items():
+        try:
+            _warm_up(p, settings)
+            active[key] = p
+        except Exception as e:  # noqa: BLE001 - reported per step
+            out[key] = e
+    samples: dict[Key, list[float]] = {k: [] for k in active}
+    budget = settings.budget_s * max(len(active), 1)
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start_all, rnd = time.perf_counter(), 0
+        while active:
+            keys = list(active)
+            shift = rnd % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                p, got = active[key], samples[key]
+                try:
+                    got.append(_time_once(p, p.inputs[len(got) % len(p.inputs)]))
+                except Exception as e:  # noqa: BLE001 - reported per step
+                    out[key] = e
+                    del active[key]
+            rnd += 1
+            n = min((len(samples[k]) for k in active), default=0)
+            if n >= settings.max_iters or (
+                n >= settings.min_iters and time.perf_counter() - start_all >= budget
+            ):
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    for key in active:
+        out[key] = np.asarray(samples[key])
+    return {k: out[k] for k in prepared}
+
+
 def measure(
     step: Callable[[Any], object],
     inputs: Sequence[Any],
@@ -120,51 +217,12 @@ def measure(
     sync: Callable[[], None] | None = None,
     cuda_events: bool = False,
 ) -> np.ndarray:
-    """Run ``step`` on the inputs in rotation; return per-iteration latencies in ms.
-
-    Warm-up first (``warmup_iters`` iterations, continued up to ``warmup_s``).
-    On GPU (``cuda_events``) each iteration is timed with CUDA events; otherwise
-    with ``perf_counter`` around the step and ``sync``.
-    """
-    sync = sync or (lambda: None)
-    n_sets = len(inputs)
-    i, t_end = 0, time.perf_counter() + settings.warmup_s
-    while i < settings.warmup_iters or (
-        time.perf_counter() < t_end and i < 10 * max(settings.warmup_iters, 1)
-    ):
-        step(inputs[i % n_sets])
-        i += 1
-    sync()
-    samples: list[float] = []
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        start_all = time.perf_counter()
-        while True:
-            x = inputs[len(samples) % n_sets]
-            if cuda_events:
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                step(x)
-                end.record()
-                end.synchronize()
-                samples.append(float(start.elapsed_time(end)))
-            else:
-                t0 = time.perf_counter()
-                step(x)
-                sync()
-                samples.append((time.perf_counter() - t0) * 1e3)
-            n = len(samples)
-            if n >= settings.max_iters or (
-                n >= settings.min_iters and time.perf_counter() - start_all >= settings.budget_s
-            ):
-                break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return np.asarray(samples)
+    """Time one step alone (see :func:`measure_interleaved`); errors propagate."""
+    got = measure_interleaved(
+        {0: Prepared(step, list(inputs), sync=sync, cuda_events=cuda_events)}, settings)[0]
+    if isinstance(got, Exception):
+        raise got
+    return got
 
 
 # ---------------------------------------------------------------- rows and report
@@ -416,26 +474,14 @@ def backend_reason(backend: str, device: str) -> str:
     return f"unknown backend {backend!r}"
 
 
-@dataclass
-class Prepared:
-    """A ready-to-time backend: ``step(input)`` runs one inference."""
-
-    step: Callable[[Any], object]
-    inputs: list[Any]
-    sync: Callable[[], None] | None = None
-    cuda_events: bool = False
-    hold: Any = None  # objects the step needs alive (engine, output buffers)
-
-
 def prepare_torch(
     model: nn.Module, arrays: list[np.ndarray], device: str, dtype: torch.dtype, compile_: bool
 ) -> Prepared:
     runner = TorchRunner(model, [INPUT_NAME], [OUTPUT_NAME], device=device, dtype=dtype)
     runner.activate()
     fn: Callable[[torch.Tensor], Any] = runner.model
-    if compile_:
-        torch._dynamo.reset()  # each variant compiles afresh; no cache-limit fallback to eager
-        fn = torch.compile(runner.model)
+    if compile_:  # compiled on the first (warm-up) call
+        fn = torch.compile(runner.model, dynamic=False)  # static shapes, as exported
     tensors = [torch.from_numpy(a).to(device=device, dtype=dtype) for a in arrays]
     on_gpu = torch.device(device).type == "cuda"
 
@@ -575,8 +621,9 @@ def profile(
 ) -> ProfileReport:
     """Profile ``model`` (unpatched, left unchanged) and its MaMe / ToMe variants.
 
-    For each batch and backend: the baseline, then for each r the MaMe and the
-    ToMe variant, back to back so their ratios come from the same conditions.
+    For each batch and backend, every variant (the baseline, MaMe and ToMe at
+    each r) is prepared, then all are timed in turns, one call each per round
+    (:func:`measure_interleaved`), so their ratios come from the same conditions.
     ONNX graphs are exported once per (variant, r, batch) into ``workdir`` (a
     temporary folder by default) and deleted when the batch is done.
     """
@@ -627,26 +674,15 @@ def _profile(
     )
     tmp_ctx = (tempfile.TemporaryDirectory(prefix="mame-profile-") if workdir is None
                else contextlib.nullcontext(str(workdir)))
-    with tmp_ctx as wd:
+    with tmp_ctx as wd, _compile_room(len(built)):
         out_dir = Path(wd)
         for batch in batches:
             arrays = random_input_sets(batch, img_shape, settings.input_sets, seed + batch)
             exports: dict[tuple[str, float], ExportInfo] = {}
             for backend in backends:
-                for key in built:
-                    var = built[key]
-                    row = Row(model_name, var.name, backend, int(batch), var.r, precision,
-                              flops_ratio=var.flops_ratio, gmacs=var.gmacs,
-                              final_tokens=var.final_tokens)
-                    report.rows.append(row)
-                    if var.error:
-                        row.skipped = var.error
-                    elif reasons[backend]:
-                        row.skipped = reasons[backend]
-                    else:
-                        _run_row(row, var, backend, arrays, exports, out_dir, img_shape, dtype,
-                                 device, n_threads, settings, log)
-                    _log_row(row, log)
+                report.rows += _time_group(
+                    model_name, built, backend, int(batch), precision, reasons[backend], arrays,
+                    exports, out_dir, img_shape, dtype, device, n_threads, settings, log)
             for info in exports.values():
                 if info.path is not None:
                     with contextlib.suppress(OSError):
@@ -655,7 +691,77 @@ def _profile(
     return report
 
 
-def _run_row(
+@contextlib.contextmanager
+def _compile_room(n_variants: int) -> Iterator[None]:
+    """Let torch.compile hold one compiled graph per variant at once (they share the
+    model class's forward, so the default recompile limit would fall back to eager)."""
+    import torch._dynamo.config as dcfg
+
+    before = dcfg.recompile_limit
+    dcfg.recompile_limit = max(before, 2 * n_variants + 8)
+    try:
+        yield
+    finally:
+        dcfg.recompile_limit = before
+
+
+def _time_group(
+    model_name: str,
+    built: dict[tuple[str, float], Variant],
+    backend: str,
+    batch: int,
+    precision: str,
+    reason: str,
+    arrays: list[np.ndarray],
+    exports: dict[tuple[str, float], ExportInfo],
+    out_dir: Path,
+    img_shape: Sequence[int],
+    dtype: torch.dtype,
+    device: str,
+    threads: int,
+    settings: TimingSettings,
+    log: Log,
+) -> list[Row]:
+    """All variants on one backend and batch: prepared, then timed in turns
+    (:func:`measure_interleaved`) so their ratios come from the same conditions."""
+    rows: list[Row] = []
+    ready: dict[int, Prepared] = {}
+    if backend == "torch-compile":
+        torch._dynamo.reset()  # compiled graphs of an earlier batch are not reused
+    for var in built.values():
+        row = Row(model_name, var.name, backend, batch, var.r, precision,
+                  flops_ratio=var.flops_ratio, gmacs=var.gmacs, final_tokens=var.final_tokens)
+        rows.append(row)
+        if var.error or reason:
+            row.skipped = var.error or reason
+            continue
+        prepared = _prepare_row(row, var, backend, arrays, exports, out_dir, img_shape, dtype,
+                                device, threads, log)
+        if prepared is not None:
+            ready[len(rows) - 1] = prepared
+    if ready:
+        log(f"  timing {len(ready)} variant(s) in turns on {backend}, batch {batch} ...")
+        try:
+            timed = measure_interleaved(ready, settings)
+        finally:
+            del ready
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # e.g. after an out-of-memory step, for the next group
+        for i, got in timed.items():
+            if isinstance(got, Exception):
+                rows[i].skipped = f"failed: {_one_line(got)}"
+                continue
+            stats = summarize(got)
+            row = rows[i]
+            row.median_ms, row.p90_ms, row.p99_ms = stats.median_ms, stats.p90_ms, stats.p99_ms
+            row.mean_ms, row.iterations = stats.mean_ms, stats.iterations
+            row.throughput = throughput(row.batch, stats.median_ms)
+    for row in rows:
+        _log_row(row, log)
+    return rows
+
+
+def _prepare_row(
     row: Row,
     var: Variant,
     backend: str,
@@ -666,11 +772,10 @@ def _run_row(
     dtype: torch.dtype,
     device: str,
     threads: int,
-    settings: TimingSettings,
     log: Log,
-) -> None:
-    """Time one row in place; any failure becomes the row's ``skipped`` reason."""
-    prepared: Prepared | None = None
+) -> Prepared | None:
+    """Export (once per variant and batch) and load one row's backend; a failure
+    becomes the row's ``skipped`` reason and None."""
     try:
         if backend in ONNX_BACKENDS:
             key = (var.name, var.r)
@@ -682,30 +787,17 @@ def _run_row(
             row.forbidden_ops = info.forbidden if info.error is None else None
             if info.error is not None:
                 row.skipped = info.error
-                return
+                return None
             assert info.path is not None
             if backend == "tensorrt":  # pragma: no cover - needs TensorRT and a GPU
-                prepared = prepare_trt(info.path, arrays, row.precision, out_dir / "engines")
-            else:
-                provider = "cuda" if backend == "onnxrt-cuda" else "cpu"
-                prepared = prepare_ort(info.path, arrays, provider, threads)
-        else:
-            assert var.model is not None  # moved/cast in place; exports work from a copy
-            prepared = prepare_torch(var.model, arrays, device, dtype,
-                                     backend == "torch-compile")
-        samples = measure(prepared.step, prepared.inputs, settings, sync=prepared.sync,
-                          cuda_events=prepared.cuda_events)
+                return prepare_trt(info.path, arrays, row.precision, out_dir / "engines")
+            provider = "cuda" if backend == "onnxrt-cuda" else "cpu"
+            return prepare_ort(info.path, arrays, provider, threads)
+        assert var.model is not None  # moved/cast in place; exports work from a copy
+        return prepare_torch(var.model, arrays, device, dtype, backend == "torch-compile")
     except Exception as e:  # noqa: BLE001 - a backend that fails is a row that says why
         row.skipped = f"failed: {_one_line(e)}"
-        return
-    finally:
-        del prepared
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # e.g. after an out-of-memory row, for the next one
-    stats = summarize(samples)
-    row.median_ms, row.p90_ms, row.p99_ms = stats.median_ms, stats.p90_ms, stats.p99_ms
-    row.mean_ms, row.iterations = stats.mean_ms, stats.iterations
-    row.throughput = throughput(row.batch, stats.median_ms)
+        return None
 
 
 def _log_row(row: Row, log: Log) -> None:

@@ -6,6 +6,7 @@ small CPU; the variants cover the options users meet in real timm checkpoints.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -439,3 +440,21 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
         ref = m(x)
         out = torch.compile(m, fullgraph=True)(x)
     assert torch.allclose(ref, out, atol=1e-5)
+
+
+def test_two_compiled_models_with_different_r_stay_one_graph_each() -> None:
+    """A second patched model with another r must not make dynamo trace r as a
+    symbolic float (automatic dynamic), which turned every token count into a
+    symbolic shape and broke the graph; alternating calls stay compiled and exact."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    base = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2,
+                             num_classes=5).eval()
+    models = [mame_export.apply(copy.deepcopy(base), r) for r in (0.25, 0.5)]
+    compiled = [torch.compile(m, backend="eager", fullgraph=True) for m in models]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for _ in range(2):
+            for m, c in zip(models, compiled, strict=True):
+                assert torch.allclose(c(x), m(x), atol=1e-5)

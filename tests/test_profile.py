@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 from mame_export.errors import UserError
 from mame_export.profile import (
     QUICK,
+    Prepared,
     Row,
     TimingSettings,
     add_speedups,
@@ -21,6 +23,7 @@ from mame_export.profile import (
     format_markdown,
     format_table,
     measure,
+    measure_interleaved,
     profile,
     random_input_sets,
     summarize,
@@ -130,6 +133,53 @@ def test_measure_calls_sync_every_iteration():
     syncs = []
     measure(lambda x: None, [0, 1], FAST, sync=lambda: syncs.append(1))
     assert len(syncs) == 1 + 3  # once after warm-up, then once per timed iteration
+
+
+def test_interleaved_steps_take_turns_with_rotating_start():
+    calls: list[tuple[str, int]] = []
+    steps = {k: Prepared(lambda x, k=k: calls.append((k, x)), [0, 1]) for k in "abc"}
+    settings = TimingSettings(warmup_iters=1, warmup_s=0.0, min_iters=4, max_iters=4,
+                              budget_s=0.0, input_sets=2)
+    got = measure_interleaved(steps, settings)
+    assert list(got) == ["a", "b", "c"]
+    assert all(isinstance(v, np.ndarray) and len(v) == 4 for v in got.values())
+    assert calls[:3] == [("a", 0), ("b", 0), ("c", 0)]  # warm-up, each in turn
+    timed = calls[3:]
+    rounds = [[k for k, _ in timed[i:i + 3]] for i in range(0, 12, 3)]
+    assert rounds == [list("abc"), list("bca"), list("cab"), list("abc")]
+    for k in "abc":  # each step rotates through its own input sets
+        assert [x for kk, x in timed if kk == k] == [0, 1, 0, 1]
+
+
+def test_interleaved_step_that_fails_leaves_the_others_running():
+    count = {"n": 0}
+
+    def flaky(x: int) -> None:
+        count["n"] += 1
+        if count["n"] > 3:  # warm-up and two timed calls work, then it fails
+            raise MemoryError("out of memory")
+
+    broken_at_warmup = Prepared(lambda x: 1 / 0, [0, 1])
+    settings = TimingSettings(warmup_iters=1, warmup_s=0.0, min_iters=6, max_iters=6,
+                              budget_s=0.0, input_sets=2)
+    got = measure_interleaved({"ok": Prepared(lambda x: None, [0, 1]),
+                               "flaky": Prepared(flaky, [0, 1]),
+                               "broken": broken_at_warmup}, settings)
+    assert isinstance(got["ok"], np.ndarray) and len(got["ok"]) == 6
+    assert isinstance(got["flaky"], MemoryError)
+    assert isinstance(got["broken"], ZeroDivisionError)
+    with pytest.raises(ZeroDivisionError):
+        measure(lambda x: 1 / 0, [0, 1], FAST)
+
+
+def test_interleaved_budget_scales_with_the_number_of_steps():
+    settings = TimingSettings(warmup_iters=0, warmup_s=0.0, min_iters=1, max_iters=10_000,
+                              budget_s=0.02, input_sets=2)
+    t0 = time.perf_counter()
+    got = measure_interleaved({k: Prepared(lambda x: None, [0, 1]) for k in range(3)}, settings)
+    assert time.perf_counter() - t0 >= 0.06  # 3 steps x 0.02 s
+    lengths = {len(v) for v in got.values()}  # every step got the same rounds (+-1)
+    assert max(lengths) - min(lengths) <= 1
 
 
 def test_timing_settings_validation():

@@ -20,8 +20,9 @@ from mame_export.ops import mame_step, mame_step_adaptive
 from mame_export.plan import (
     BlockPlan,
     MergePlan,
+    check_ratio,
     default_merge_layers,
-    token_schedule,
+    token_counts,
 )
 
 FAMILY = "timm-vit"
@@ -167,12 +168,23 @@ class _MaMeVisionTransformer:
 
     _mame_plan: MergePlan
     _mame_layers: tuple[int, ...]
+    _mame_fixed_schedule: tuple[int, tuple[int | None, ...]]
 
     def _mame_schedule(self, num_patches: int) -> list[int | None]:
         # The requested layers, not plan.merge_layers: a layer whose rounded
         # count does not drop still counts in the compounded ratio.
-        # Under torch.compile, trace the function itself (dynamo ignores lru_cache anyway).
-        fn = _schedule.__wrapped__ if torch.compiler.is_compiling() else _schedule
+        # Under torch.compile: the schedule made at apply time for the model's own
+        # patch count (a tuple of ints, specialised), so the float r is never traced;
+        # dynamo would turn an r that differs between compiled models into a symbolic
+        # float and every token count into a symbolic shape. Other patch counts trace
+        # the unchecked arithmetic (the check's math.isfinite breaks the graph).
+        if torch.compiler.is_compiling():
+            n0, fixed = self._mame_fixed_schedule
+            if num_patches == n0:
+                return list(fixed)
+            fn = _schedule_counts
+        else:
+            fn = _schedule
         return fn(num_patches, self._mame_plan.r, self._mame_layers, len(self.blocks))
 
     def _mame_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -214,7 +226,14 @@ def _schedule(
     num_patches: int, r: float, merge_layers: tuple[int, ...], depth: int
 ) -> list[int | None]:
     """Per block: mergeable tokens to keep, or None where the block does not merge."""
-    out = token_schedule(num_patches, r, list(merge_layers), depth)
+    check_ratio(r)
+    return _schedule_counts(num_patches, r, merge_layers, depth)
+
+
+def _schedule_counts(
+    num_patches: int, r: float, merge_layers: tuple[int, ...], depth: int
+) -> list[int | None]:
+    out = token_counts(num_patches, r, list(merge_layers), depth)
     prev = [num_patches] + out[:-1]
     return [n if n < n_prev else None for n, n_prev in zip(out, prev, strict=True)]
 
@@ -362,6 +381,10 @@ def apply(
     model._mame_plan = plan
     model._mame_layers = tuple(
         default_merge_layers(len(model.blocks)) if layers is None else sorted(set(layers))
+    )
+    n0 = plan.num_patches
+    model._mame_fixed_schedule = (
+        n0, tuple(_schedule(n0, plan.r, model._mame_layers, len(model.blocks)))
     )
     return model
 
