@@ -16,7 +16,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "Partition",
@@ -125,10 +124,11 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 
 def _normalize_columns(w: torch.Tensor) -> torch.Tensor:
-    # Exact for any positive column sum (an additive eps would leave a column
-    # that is barely over the threshold summing to well under 1); zero stays zero.
-    total = w.sum(dim=-2, keepdim=True)
-    return w / torch.where(total > 0, total, torch.ones_like(total))
+    # Every column here is either all zero or sums to more than _TINY (its non-zero
+    # entries are > _TINY), so the clamp only keeps 0 / 0 away: exact for any
+    # positive sum (an additive eps would leave a column that is barely over the
+    # threshold summing to well under 1), and zero columns stay zero.
+    return w / w.sum(dim=-2, keepdim=True).clamp_min(_TINY)
 
 
 def mame_weights(
@@ -145,23 +145,23 @@ def mame_weights(
     ks = _unit(metric_sources)
     sim = kt @ ks.transpose(-1, -2)  # (B, Nt, Ns)
 
-    w = F.relu(sim - tau)
-    # Links weaker than float32 can normalise with a finite gradient count as none.
-    w = _normalize_columns(w * (w > _TINY).float())
-    nonzero = (w > 0).float()
-    count = nonzero.sum(dim=-2, keepdim=True)
+    # relu(S - tau); links weaker than float32 can normalise with a finite
+    # gradient count as none.
+    shifted = sim - tau
+    linked = shifted > _TINY
+    w = _normalize_columns(torch.where(linked, shifted, 0.0))
+    # Non-zero weights per column, counted in float32 (TensorRT has no INT64 Clip).
+    count = linked.sum(dim=-2, keepdim=True, dtype=torch.float32)
     zeta = w.sum(dim=-2, keepdim=True) / count.clamp_min(1.0)
     # The column maximum is always >= the mean; the slack keeps it when all
-    # non-zero weights are equal and the mean rounds just above them.
-    keep = (w >= zeta * (1.0 - _REFINE_SLACK)).float() * nonzero
-    w = _normalize_columns(w * keep)
+    # non-zero weights are equal and the mean rounds just above them. In a column
+    # with no link w is all zero and stays so.
+    w = _normalize_columns(torch.where(w >= zeta * (1.0 - _REFINE_SLACK), w, 0.0))
 
     # Distinctive sources: no target passed the threshold. Fall back to the
     # best target(s) by an equality with a reduce-max (no ArgMax).
-    best = (sim == sim.amax(dim=-2, keepdim=True)).float()
-    fallback = _normalize_columns(best)
-    linked = (count > 0).float()
-    return linked * w + (1.0 - linked) * fallback
+    fallback = _normalize_columns((sim == sim.amax(dim=-2, keepdim=True)).float())
+    return torch.where(count > 0, w, fallback)
 
 
 def mame_merge(
