@@ -503,7 +503,8 @@ def _ort_input_dtype(type_str: str) -> Any:
 
 
 def prepare_ort(path: Path, arrays: list[np.ndarray], provider: str, threads: int) -> Prepared:
-    runner = OrtRunner(path, provider, threads=threads)
+    # The variants' sessions take turns: idle sessions must not spin on the cores.
+    runner = OrtRunner(path, provider, threads=threads, spinning=False)
     runner.activate()
     session = runner.session
     inp = session.get_inputs()[0]
@@ -511,7 +512,7 @@ def prepare_ort(path: Path, arrays: list[np.ndarray], provider: str, threads: in
     feeds = [np.ascontiguousarray(a.astype(want)) for a in arrays]
     out_names = [o.name for o in session.get_outputs()]
     if provider == "cpu":
-        return Prepared(lambda x: session.run(out_names, {inp.name: x}), feeds)
+        return Prepared(lambda x: session.run(out_names, {inp.name: x}), feeds, hold=runner)
     # CUDA: inputs staged on the device once; outputs stay there (no host copies timed).
     import onnxruntime as ort
 
@@ -528,7 +529,7 @@ def prepare_ort(path: Path, arrays: list[np.ndarray], provider: str, threads: in
         session.run_with_iobinding(b)
         last[0] = b
 
-    return Prepared(step, bindings, sync=lambda: last[0].synchronize_outputs())
+    return Prepared(step, bindings, sync=lambda: last[0].synchronize_outputs(), hold=runner)
 
 
 def prepare_trt(

@@ -104,15 +104,22 @@ def _ort():
 
 
 class OrtRunner(Runner):
-    """ONNX Runtime on CPU or CUDA (``provider`` = "cpu" or "cuda")."""
+    """ONNX Runtime on CPU or CUDA (``provider`` = "cpu" or "cuda").
+
+    ``spinning=False`` stops the intra-op threads from busy-waiting for work after
+    a run. Leave it on for one session alone; turn it off when several sessions
+    take turns on a few cores, where the idle sessions' spinning threads take the
+    cores from the one that runs (measured: +60% latency on 2 cores).
+    """
 
     _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
     def __init__(self, onnx_path: str | os.PathLike, provider: str = "cpu",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spinning: bool = True) -> None:
         if provider not in self._PROVIDERS:
             raise ValueError(f"provider must be one of {sorted(self._PROVIDERS)}")
         self.path, self.provider, self.threads = Path(onnx_path), provider, threads
+        self.spinning = spinning
         self.name = f"onnxrt-{provider}" if provider == "cuda" else "onnxrt"
         self.session: Any = None
 
@@ -139,6 +146,9 @@ class OrtRunner(Runner):
         if self.threads:
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
+        if not self.spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers = [self._PROVIDERS[self.provider]]
         self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         self._input_types = {i.name: i.type for i in self.session.get_inputs()}

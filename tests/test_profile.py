@@ -368,3 +368,31 @@ def test_cli_user_errors_are_one_line(capsys, argv, message):
     code, out, err = _cli(capsys, *argv)
     assert code != 0 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_ort_sessions_taking_turns_do_not_spin(tmp_path):
+    """The profiler's ONNX Runtime sessions take turns on the same cores, so their
+    idle threads must not busy-wait; a runner left alone keeps ORT's default."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mame_export.profile import prepare_ort
+    from mame_export.runners import OrtRunner
+
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])
+    graph = helper.make_graph([helper.make_node("Relu", ["pixels"], ["logits"])], "g", [x], [y])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+    prepared = prepare_ort(path, [np.ones((1, 2), np.float32), -np.ones((1, 2), np.float32)],
+                           "cpu", threads=1)
+    opts = prepared.hold.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert np.array_equal(prepared.step(prepared.inputs[1])[0], np.zeros((1, 2), np.float32))
+
+    alone = OrtRunner(path, "cpu", threads=1)
+    alone.activate()
+    with pytest.raises(RuntimeError, match="allow_spinning"):  # not set: ORT's default
+        alone.session.get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning")
