@@ -678,13 +678,12 @@ def _profile(
     with tmp_ctx as wd, _compile_room(len(built)):
         out_dir = Path(wd)
         for batch in batches:
-            arrays = random_input_sets(batch, img_shape, settings.input_sets, seed + batch)
-            exports: dict[tuple[str, float], ExportInfo] = {}
+            ctx = _Batch(model_name, int(batch), precision, dtype, device, n_threads, settings,
+                         img_shape, out_dir, log,
+                         random_input_sets(batch, img_shape, settings.input_sets, seed + batch))
             for backend in backends:
-                report.rows += _time_group(
-                    model_name, built, backend, int(batch), precision, reasons[backend], arrays,
-                    exports, out_dir, img_shape, dtype, device, n_threads, settings, log)
-            for info in exports.values():
+                report.rows += _time_group(ctx, built, backend, reasons[backend])
+            for info in ctx.exports.values():
                 if info.path is not None:
                     with contextlib.suppress(OSError):
                         info.path.unlink()
@@ -706,22 +705,27 @@ def _compile_room(n_variants: int) -> Iterator[None]:
         dcfg.recompile_limit = before
 
 
+@dataclass
+class _Batch:
+    """What every row of one batch size shares: the run's settings, the input
+    arrays, and the ONNX graphs exported so far (one per variant)."""
+
+    model_name: str
+    batch: int
+    precision: str
+    dtype: torch.dtype
+    device: str
+    threads: int
+    settings: TimingSettings
+    img_shape: Sequence[int]
+    out_dir: Path
+    log: Log
+    arrays: list[np.ndarray]
+    exports: dict[tuple[str, float], ExportInfo] = field(default_factory=dict)
+
+
 def _time_group(
-    model_name: str,
-    built: dict[tuple[str, float], Variant],
-    backend: str,
-    batch: int,
-    precision: str,
-    reason: str,
-    arrays: list[np.ndarray],
-    exports: dict[tuple[str, float], ExportInfo],
-    out_dir: Path,
-    img_shape: Sequence[int],
-    dtype: torch.dtype,
-    device: str,
-    threads: int,
-    settings: TimingSettings,
-    log: Log,
+    ctx: _Batch, built: dict[tuple[str, float], Variant], backend: str, reason: str
 ) -> list[Row]:
     """All variants on one backend and batch: prepared, then timed in turns
     (:func:`measure_interleaved`) so their ratios come from the same conditions."""
@@ -730,20 +734,19 @@ def _time_group(
     if backend == "torch-compile":
         torch._dynamo.reset()  # compiled graphs of an earlier batch are not reused
     for var in built.values():
-        row = Row(model_name, var.name, backend, batch, var.r, precision,
+        row = Row(ctx.model_name, var.name, backend, ctx.batch, var.r, ctx.precision,
                   flops_ratio=var.flops_ratio, gmacs=var.gmacs, final_tokens=var.final_tokens)
         rows.append(row)
         if var.error or reason:
             row.skipped = var.error or reason
             continue
-        prepared = _prepare_row(row, var, backend, arrays, exports, out_dir, img_shape, dtype,
-                                device, threads, log)
+        prepared = _prepare_row(ctx, row, var, backend)
         if prepared is not None:
             ready[len(rows) - 1] = prepared
     if ready:
-        log(f"  timing {len(ready)} variant(s) in turns on {backend}, batch {batch} ...")
+        ctx.log(f"  timing {len(ready)} variant(s) in turns on {backend}, batch {ctx.batch} ...")
         try:
-            timed = measure_interleaved(ready, settings)
+            timed = measure_interleaved(ready, ctx.settings)
         finally:
             del ready
             if torch.cuda.is_available():
@@ -758,32 +761,21 @@ def _time_group(
             row.mean_ms, row.iterations = stats.mean_ms, stats.iterations
             row.throughput = throughput(row.batch, stats.median_ms)
     for row in rows:
-        _log_row(row, log)
+        _log_row(row, ctx.log)
     return rows
 
 
-def _prepare_row(
-    row: Row,
-    var: Variant,
-    backend: str,
-    arrays: list[np.ndarray],
-    exports: dict[tuple[str, float], ExportInfo],
-    out_dir: Path,
-    img_shape: Sequence[int],
-    dtype: torch.dtype,
-    device: str,
-    threads: int,
-    log: Log,
-) -> Prepared | None:
+def _prepare_row(ctx: _Batch, row: Row, var: Variant, backend: str) -> Prepared | None:
     """Export (once per variant and batch) and load one row's backend; a failure
     becomes the row's ``skipped`` reason and None."""
     try:
         if backend in ONNX_BACKENDS:
             key = (var.name, var.r)
-            if key not in exports:
-                log(f"  exporting {var.name} r={var.r:g} batch {row.batch} to ONNX ...")
-                exports[key] = export_variant(var, row.batch, img_shape, dtype, out_dir)
-            info = exports[key]
+            if key not in ctx.exports:
+                ctx.log(f"  exporting {var.name} r={var.r:g} batch {row.batch} to ONNX ...")
+                ctx.exports[key] = export_variant(var, row.batch, ctx.img_shape, ctx.dtype,
+                                                  ctx.out_dir)
+            info = ctx.exports[key]
             row.exports = info.error is None
             row.forbidden_ops = info.forbidden if info.error is None else None
             if info.error is not None:
@@ -791,11 +783,12 @@ def _prepare_row(
                 return None
             assert info.path is not None
             if backend == "tensorrt":  # pragma: no cover - needs TensorRT and a GPU
-                return prepare_trt(info.path, arrays, row.precision, out_dir / "engines")
+                return prepare_trt(info.path, ctx.arrays, row.precision, ctx.out_dir / "engines")
             provider = "cuda" if backend == "onnxrt-cuda" else "cpu"
-            return prepare_ort(info.path, arrays, provider, threads)
+            return prepare_ort(info.path, ctx.arrays, provider, ctx.threads)
         assert var.model is not None  # moved/cast in place; exports work from a copy
-        return prepare_torch(var.model, arrays, device, dtype, backend == "torch-compile")
+        return prepare_torch(var.model, ctx.arrays, ctx.device, ctx.dtype,
+                             backend == "torch-compile")
     except Exception as e:  # noqa: BLE001 - a backend that fails is a row that says why
         row.skipped = f"failed: {_one_line(e)}"
         return None
