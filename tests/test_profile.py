@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 import numpy as np
@@ -396,3 +397,37 @@ def test_ort_sessions_taking_turns_do_not_spin(tmp_path):
     with pytest.raises(RuntimeError, match="allow_spinning"):  # not set: ORT's default
         alone.session.get_session_options().get_session_config_entry(
             "session.intra_op.allow_spinning")
+
+
+def _profile_tables():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "profile_tables.py"
+    spec = importlib.util.spec_from_file_location("profile_tables", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_published_tables_can_be_measured_in_parts():
+    tables = _profile_tables()
+
+    def row(model, batch, ms):
+        return {"model": model, "backend": "torch", "batch": batch, "precision": "fp16",
+                "variant": "baseline", "r": 0.0, "median_ms": ms}
+
+    old = {"preset": "gpu", "device": "H100", "command": "part 1", "runs": [{"model": "a"}],
+           "results": [row("vit_b", 1, 1.0), row("vit_b", 256, 9.0)]}
+    new = {"preset": "gpu", "device": "H100", "command": "part 2", "runs": [{"model": "b"}],
+           "results": [row("vit_b", 256, 8.0), row("vit_l", 1, 3.0)]}
+    merged = tables.merge_results(old, new)
+    got = {(r["model"], r["batch"]): r["median_ms"] for r in merged["results"]}
+    assert got == {("vit_b", 1): 1.0, ("vit_b", 256): 8.0, ("vit_l", 1): 3.0}  # re-measured wins
+    assert merged["commands"] == ["part 1", "part 2"]
+    assert "- command: `part 1`" in tables.markdown_page(
+        {**merged, "cpu": "x", "threads": 1, "versions": {}, "timing": {}})
+    with pytest.raises(ValueError, match="device"):
+        tables.merge_results({**old, "device": "A100"}, new)

@@ -4,6 +4,17 @@
     python tools/profile_tables.py --gpu      # GPU matrix -> benchmarks/results/profile_gpu.*
     python tools/profile_tables.py --quick    # smoke run (vit_t, batch 1, r 0.5), temp folder
 
+A preset too long for one sitting (the GPU one on a machine lent for minutes at a
+time) can be run in parts that add up to one table:
+
+    python tools/profile_tables.py --gpu --models vit_b --batches 1
+    python tools/profile_tables.py --gpu --models vit_b --batches 256 --append
+    ...
+
+``--append`` keeps the rows of the existing ``profile_<preset>.json`` for every
+(model, backend, batch) group this part does not measure, and refuses to mix
+devices. Ratios are only ever taken inside one group, which one part times whole.
+
 Writes raw JSON, a PNG and a markdown page (command, device, versions, the
 summary against the FLOPs-ideal and ToMe, and every row), and prints the
 markdown. Run the real presets on a quiet machine: timings taken while other
@@ -114,10 +125,11 @@ def markdown_page(result: dict[str, Any]) -> str:
         (r["model"], r["variant"], json.dumps(r["forbidden_ops"], sort_keys=True))
         for r in result["results"] if r.get("exports") and r["variant"] != "baseline"
     })
+    commands = result.get("commands") or [result["command"]]
     lines = [
         f"# Latency: baseline vs MaMe vs ToMe ({result['preset']})",
         "",
-        f"- command: `{result['command']}`",
+        *(f"- command: `{c}`" for c in commands),
         f"- device: {result['device']}; CPU: {result['cpu']}; threads: {result['threads']}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- timing: {json.dumps(result['timing'])}",
@@ -140,6 +152,27 @@ def markdown_page(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def group_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return row["model"], row["backend"], row["batch"], row.get("precision")
+
+
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` plus the rows of ``old`` whose (model, backend, batch, precision) group
+    ``new`` does not measure; refuses results from another preset or device."""
+    for key in ("preset", "device"):
+        if old.get(key) != new.get(key):
+            raise ValueError(f"the existing results are for {key} {old.get(key)!r}, this run "
+                             f"for {new.get(key)!r}; use another --out")
+    measured = {group_key(r) for r in new["results"]}
+    kept = [r for r in old["results"] if group_key(r) not in measured]
+    merged = dict(new)
+    merged["commands"] = [c for c in old.get("commands") or [old["command"]]
+                          if c != new["command"]] + [new["command"]]
+    merged["runs"] = list(old.get("runs", [])) + list(new.get("runs", []))
+    merged["results"] = kept + new["results"]
+    return merged
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
@@ -150,6 +183,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="output folder (default benchmarks/results; --quick: a temp folder)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     p.add_argument("--backends", default=None, help="override the preset's backends")
+    p.add_argument("--models", default=None, help="override the preset's models (aliases)")
+    p.add_argument("--batches", default=None, help="override the preset's batch sizes")
+    p.add_argument("--append", action="store_true",
+                   help="merge into the existing profile_<preset>.json: keep its rows for the "
+                        "(model, backend, batch) groups this run does not measure")
     p.add_argument("--seconds", type=float, default=None, help="override the time per row")
     p.add_argument("--min-iters", type=int, default=None, help="override the minimum iterations")
     return p.parse_args(argv)
@@ -160,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS["gpu" if args.gpu else "quick" if args.quick else "cpu"]
     if args.backends:
         preset = replace(preset, backends=tuple(b.strip() for b in args.backends.split(",")))
+    if args.models:
+        preset = replace(preset, models=tuple(m.strip() for m in args.models.split(",")))
+    if args.batches:
+        preset = replace(preset, batches=tuple(int(b) for b in args.batches.split(",")))
     timing = preset.timing
     if args.seconds is not None:
         timing = replace(timing, budget_s=args.seconds)
@@ -200,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     stem = f"profile_{preset.name}"
     json_path, png_path, md_path = (out_dir / f"{stem}{ext}" for ext in (".json", ".png", ".md"))
+    if args.append and json_path.exists():
+        try:
+            result = merge_results(json.loads(json_path.read_text()), result)
+        except ValueError as e:
+            print(f"profile_tables: --append: {e}", file=sys.stderr)
+            return 2
     atomic_write_text(json_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
     plot(result["results"], png_path,
          title=f"{preset.name}: {first.device}, {preset.precision}, {first.threads} threads")
