@@ -209,22 +209,6 @@ def measure_interleaved(
     return {k: out[k] for k in prepared}
 
 
-def measure(
-    step: Callable[[Any], object],
-    inputs: Sequence[Any],
-    settings: TimingSettings,
-    *,
-    sync: Callable[[], None] | None = None,
-    cuda_events: bool = False,
-) -> np.ndarray:
-    """Time one step alone (see :func:`measure_interleaved`); errors propagate."""
-    got = measure_interleaved(
-        {0: Prepared(step, list(inputs), sync=sync, cuda_events=cuda_events)}, settings)[0]
-    if isinstance(got, Exception):
-        raise got
-    return got
-
-
 # ---------------------------------------------------------------- rows and report
 
 

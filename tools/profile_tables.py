@@ -44,6 +44,7 @@ from mame_export.models import build_model, resolve
 from mame_export.profile import (
     QUICK,
     TimingSettings,
+    device_name,
     format_markdown,
     plot,
     profile,
@@ -156,13 +157,18 @@ def group_key(row: dict[str, Any]) -> tuple[Any, ...]:
     return row["model"], row["backend"], row["batch"], row.get("precision")
 
 
+def check_appendable(old: dict[str, Any], preset: str, device: str) -> None:
+    """ValueError unless ``old`` holds results of the same preset on the same device."""
+    for key, want in (("preset", preset), ("device", device)):
+        if old.get(key) != want:
+            raise ValueError(f"the existing results are for {key} {old.get(key)!r}, this run "
+                             f"for {want!r}; use another --out")
+
+
 def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``new`` plus the rows of ``old`` whose (model, backend, batch, precision) group
     ``new`` does not measure; refuses results from another preset or device."""
-    for key in ("preset", "device"):
-        if old.get(key) != new.get(key):
-            raise ValueError(f"the existing results are for {key} {old.get(key)!r}, this run "
-                             f"for {new.get(key)!r}; use another --out")
+    check_appendable(old, new["preset"], new["device"])
     measured = {group_key(r) for r in new["results"]}
     kept = [r for r in old["results"] if group_key(r) not in measured]
     merged = dict(new)
@@ -215,6 +221,15 @@ def main(argv: list[str] | None = None) -> int:
                            else RESULTS)
     command = shlex.join(["python", "tools/profile_tables.py", *sys.argv[1:]]
                          if argv is None else ["python", "tools/profile_tables.py", *argv])
+    stem = f"profile_{preset.name}"
+    json_path, png_path, md_path = (out_dir / f"{stem}{ext}" for ext in (".json", ".png", ".md"))
+    old = json.loads(json_path.read_text()) if args.append and json_path.exists() else None
+    if old is not None:  # refuse before measuring, not after
+        try:
+            check_appendable(old, preset.name, device_name(preset.device))
+        except ValueError as e:
+            print(f"profile_tables: --append: {e}", file=sys.stderr)
+            return 2
 
     reports = []
     for alias in preset.models:
@@ -240,14 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [r.settings for r in reports],
         "results": [row for r in reports for row in r.to_dict()["results"]],
     }
-    stem = f"profile_{preset.name}"
-    json_path, png_path, md_path = (out_dir / f"{stem}{ext}" for ext in (".json", ".png", ".md"))
-    if args.append and json_path.exists():
-        try:
-            result = merge_results(json.loads(json_path.read_text()), result)
-        except ValueError as e:
-            print(f"profile_tables: --append: {e}", file=sys.stderr)
-            return 2
+    if old is not None:
+        result = merge_results(old, result)
     atomic_write_text(json_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
     plot(result["results"], png_path,
          title=f"{preset.name}: {first.device}, {preset.precision}, {first.threads} threads")
