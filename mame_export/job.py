@@ -33,8 +33,8 @@ from mame_export.export import (
 )
 from mame_export.models import ModelSpec, build_model, resolve, state_dict_sha256
 from mame_export.parity import ParityReport, check_parity
-from mame_export.patch import DEFAULT_TAU, apply, merge_plan
-from mame_export.plan import MergePlan, check_ratio, check_tau
+from mame_export.patch import apply, merge_plan, solve_r
+from mame_export.plan import MergePlan, check_ratio, check_target_macs, check_tau
 from mame_export.runners import OrtRunner, Runner, TorchRunner
 
 Log = Callable[[str], None]
@@ -50,7 +50,8 @@ class ExportRequest:
 
     model: str
     r: float = 0.5
-    tau: float = DEFAULT_TAU
+    target_macs: float | None = None  # solve r for this MACs ratio instead
+    tau: float | None = None  # None: the mode's default (patch.DEFAULT_TAU)
     layers: list[int] | None = None
     mode: str = "static"
     prop_attn: bool = True
@@ -72,7 +73,10 @@ class ExportRequest:
         (a plan or an eager run, not a graph)."""
         try:
             check_ratio(self.r)
-            check_tau(self.tau)
+            if self.tau is not None:
+                check_tau(self.tau)
+            if self.target_macs is not None:
+                check_target_macs(self.target_macs)
         except ValueError as e:
             raise UserError(str(e)) from None
         if self.mode not in ("static", "adaptive"):
@@ -148,8 +152,15 @@ def build_patched(
     family_options = {}
     if spec.family == "sd-unet":  # the plan is per latent size
         family_options["latent_size"] = req.img_size or spec.img_size
-    model = apply(model, req.r, tau=req.tau, layers=req.layers, prop_attn=req.prop_attn,
-                  mode=req.mode, **family_options)
+    settings = dict(tau=req.tau, layers=req.layers, prop_attn=req.prop_attn, mode=req.mode,
+                    **family_options)
+    try:
+        if req.target_macs is not None:
+            req.r = solve_r(model, req.target_macs, **settings)
+            log(f"      MACs ratio {req.target_macs:g} -> r = {req.r:g}")
+        model = apply(model, req.r, **settings)  # type: ignore[arg-type]
+    except ValueError as e:  # layers out of range, an unreachable MACs target
+        raise UserError(str(e)) from None
     return spec, model, merge_plan(model), source
 
 

@@ -74,10 +74,11 @@ def resolve(name: str) -> ModelSpec:
 
     base = name.split(".", 1)[0]
     if timm.is_model(base):
-        model_cls_cfg = timm.models.get_pretrained_cfg(name) if "." in name else None
+        # An untagged name builds at its default tag's size (vit_*_dinov2: 518).
+        cfg = timm.models.get_pretrained_cfg(name if "." in name else base)
         img = 224
-        if model_cls_cfg is not None and getattr(model_cls_cfg, "input_size", None):
-            img = int(model_cls_cfg.input_size[-1])
+        if cfg is not None and getattr(cfg, "input_size", None):
+            img = int(cfg.input_size[-1])
         return ModelSpec(name, name, "timm-vit", img, f"timm model {name}")
     candidates = list(REGISTRY) + _timm_names()
     close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.5)
@@ -166,7 +167,9 @@ def build_model(
     import timm
 
     kw: dict[str, Any] = dict(spec.kwargs)
-    if img_size is not None and img_size != spec.img_size:
+    if img_size is not None:
+        # Built at the requested size before any checkpoint loads, so a checkpoint saved
+        # at that size fits (timm resamples position embeddings only for hub weights).
         kw["img_size"] = img_size
     random_src = f"random init (seed {RANDOM_INIT_SEED})"
     if weights == "random":

@@ -123,9 +123,12 @@ def token_counts(num_patches: int, r: float, merge_layers: list[int], depth: int
     return out
 
 
+DEFAULT_MERGE_BLOCKS = 8
+
+
 def default_merge_layers(depth: int) -> list[int]:
-    """The first two thirds of the blocks (ViT-B: the first 8 of 12)."""
-    return list(range(max(1, round(depth * 2 / 3))))
+    """The first ``min(8, depth)`` blocks: the paper's setting for pretrained ViT-S/B/L/H."""
+    return list(range(min(DEFAULT_MERGE_BLOCKS, depth)))
 
 
 def _is_real(v: object) -> bool:
@@ -136,6 +139,11 @@ def _is_real(v: object) -> bool:
 def check_ratio(r: float) -> None:
     if not (_is_real(r) and math.isfinite(r) and 0.0 <= r < 1.0):
         raise ValueError(f"r must be in [0, 1); got {r!r}")
+
+
+def check_target_macs(target: float) -> None:
+    if not (_is_real(target) and math.isfinite(target) and 0.0 < target <= 1.0):
+        raise ValueError(f"target MACs ratio must be in (0, 1]; got {target!r}")
 
 
 def check_tau(tau: float) -> None:

@@ -281,8 +281,11 @@ def test_fp16_graph_parity_through_onnxruntime(tmp_path: Path) -> None:
     parity = meta["parity"]
     assert parity["precision"] == "fp16" and parity["passed"]
     onnxrt = next(r for r in parity["runners"] if r["runner"] == "onnxrt")
-    assert onnxrt["outputs"][0]["cosine"] >= 0.999
-    assert onnxrt["outputs"][0]["top1_agreement"] >= 0.98
+    out = onnxrt["outputs"][0]
+    assert out["cosine"] >= 0.999
+    # Top-1 is judged where the reference's margin exceeds twice the element tolerance.
+    assert out["decisive_samples"] is not None
+    assert out["top1_decisive"] is None or out["top1_decisive"] >= 0.98
 
 
 def test_bf16_graph_cannot_pass_without_a_bf16_runner(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def check(args: argparse.Namespace, steps: Steps, workdir: Path) -> dict[str, An
     unet = steps.run("build", build_sd21_unet)
     model = UNetExportWrapper(unet).eval()
     # The family's apply takes the latent size, so the stored plan is for this latent.
-    steps.run("patch", diffusers_unet.apply, model, args.r, tau=DEFAULT_TAU, layers=None,
+    steps.run("patch", diffusers_unet.apply, model, args.r, tau=DEFAULT_TAU["static"], layers=None,
               prop_attn=True, mode="static", latent_size=args.latent)
     plan = mame_export.merge_plan(model)
     inputs = sd21_example_inputs(args.batch, args.latent)

@@ -88,11 +88,10 @@ def patched(
             tomesd.remove_patch(unet)
         return
     import mame_export
-    from mame_export.patch import DEFAULT_TAU
     from mame_export.patch.diffusers_unet import blocks_up_to_downsample, remove
 
     layers = blocks_up_to_downsample(unet, max_downsample)
-    mame_export.apply(unet, r, tau=DEFAULT_TAU if tau is None else tau, layers=layers)
+    mame_export.apply(unet, r, tau=tau, layers=layers)
     try:
         yield unet
     finally:

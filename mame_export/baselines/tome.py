@@ -264,7 +264,7 @@ def apply_tome(
         r_tokens: ToMe's own knob instead of ``r``: tokens removed per block, an int
             for every block in ``layers`` (default: all blocks, as in the paper) or
             one entry per block. Clamped to half the tokens, as ToMe does.
-        layers: blocks that merge (with ``r``: default the first two thirds, as MaMe).
+        layers: blocks that merge (with ``r``: default the first ``min(8, depth)``, as MaMe).
         prop_attn: add log(token size) to attention logits.
 
     The plan (tokens per block, MACs) is stored on the model: :func:`tome_plan`.

@@ -5,6 +5,7 @@
     mame-export audit GRAPH.onnx         op census, forbidden ops, checker, TensorRT pre-flight
     mame-export parity GRAPH_OR_MODEL    parity of every runner against eager PyTorch
     mame-export profile MODEL --r R,...  latency of baseline / MaMe / ToMe per backend
+    mame-export eval MODEL --data DIR    accuracy and fidelity of MaMe / ToMe on your images
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SUBCOMMANDS = {
     "audit": "audit",
     "parity": "parity",
     "profile": "profile",
+    "eval": "eval",
 }
 
 

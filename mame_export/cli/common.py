@@ -7,7 +7,6 @@ from pathlib import Path
 
 from mame_export.errors import UserError
 from mame_export.job import ExportRequest
-from mame_export.patch import DEFAULT_TAU
 
 
 def parse_layers(text: str) -> list[int]:
@@ -30,13 +29,18 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
     p.add_argument("model", metavar="MODEL",
                    help="alias (vit_t, vit_s, vit_b, vit_l, vit_h, deit_s, deit_b, "
                         "siglip2_b_512, sd21-unet) or any timm model name")
-    p.add_argument("--r", type=float, default=0.5,
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--r", type=float, default=0.5,
                    help="fraction of patch tokens merged away by the last merge block, "
                         "in [0, 1) (default 0.5)")
-    p.add_argument("--tau", type=float, default=DEFAULT_TAU,
-                   help=f"similarity threshold in [-1, 1] (default {DEFAULT_TAU})")
+    g.add_argument("--target-macs", type=float, default=None, metavar="RATIO",
+                   help="solve r for this MACs ratio (merged / unmerged), e.g. 0.5")
+    p.add_argument("--tau", type=float, default=None,
+                   help="in [-1, 1]. Static mode (default 1): how widely a merged token spreads "
+                        "(1: its single most similar target). Adaptive mode (default 0.8): the "
+                        "similarity a token needs to merge")
     p.add_argument("--layers", type=parse_layers, default=None,
-                   help="blocks that merge, e.g. 0-7 (default: first two thirds)")
+                   help="blocks that merge, e.g. 0-7 (default: the first min(8, depth))")
     p.add_argument("--no-prop-attn", dest="prop_attn", action="store_false",
                    help="turn off proportional attention (log size bias)")
     p.add_argument("--mode", choices=("static", "adaptive"), default="static",
@@ -79,7 +83,8 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
 
 def request_from_args(args: argparse.Namespace, export: bool = True) -> ExportRequest:
     req = ExportRequest(
-        model=args.model, r=args.r, tau=args.tau, layers=args.layers, prop_attn=args.prop_attn,
+        model=args.model, r=args.r, target_macs=args.target_macs, tau=args.tau,
+        layers=args.layers, prop_attn=args.prop_attn,
         mode=args.mode,
         img_size=args.img_size, weights=args.weights,
         batch=getattr(args, "batch", None),

@@ -1,21 +1,35 @@
 """Pure tensor ops: MaMe merging and MaRe restoration. No model knowledge."""
 
 from mame_export.ops.mame import (
+    MergeStep,
     Partition,
     mame_merge,
     mame_step,
     mame_step_adaptive,
     mame_weights,
     mare_restore,
+    mare_restore_partition,
+    merge_weights,
     partition,
+    redundancy_ranks,
+    selection_matrix,
+    size_aware_similarity,
+    step_macs,
 )
 
 __all__ = [
+    "MergeStep",
     "Partition",
     "mame_merge",
     "mame_step",
     "mame_step_adaptive",
     "mame_weights",
     "mare_restore",
+    "mare_restore_partition",
+    "merge_weights",
     "partition",
+    "redundancy_ranks",
+    "selection_matrix",
+    "size_aware_similarity",
+    "step_macs",
 ]

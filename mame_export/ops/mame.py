@@ -1,12 +1,29 @@
 """MaMe (matrix-based token merging) and MaRe (restoration) as pure tensor ops.
 
 Everything here takes and returns tensors; nothing knows about models. The
-static step uses matrix products, element-wise ops, reductions and gathers
-with *constant* index lists only, so it traces to a static ONNX graph.
+static step uses matrix products, element-wise ops, reductions, static slices
+and gathers with *constant* index lists only, so it traces to a static ONNX
+graph: the token counts come from the caller's plan, the choice of which
+tokens merge comes from the data.
 
-Shapes: ``x`` (B, N, C) mergeable tokens, ``metric`` (B, N, Ck), ``sizes``
-(B, N, 1). The partition is fixed by ``(N, n_keep)``: ``n_keep`` targets stay,
-``N - n_keep`` sources are spread evenly over the sequence and merged away.
+One step over N mergeable tokens (``x`` (B, N, C), ``metric`` (B, N, Ck),
+``sizes`` (B, N, 1)), removing ``n_merge = N - n_keep`` of them:
+
+1. Alternate split: A = even positions (source candidates), B = odd (targets).
+2. Size-aware similarity (B, Nb, Na): ``A_ji = 1 - hm(s_j, s_i) (1 - cos(k_j, k_i))``
+   with ``hm`` the harmonic mean of the two sizes. Maximising it minimises Ward's
+   linkage cost (the growth of the within-cluster sum of squares of unit keys); for
+   unit sizes it is the cosine. Redundancy of A token i: ``max_j A_ji``.
+3. Ranks by a comparison matrix (no sort): ``rank_i = #{j: r_j > r_i} +
+   #{j < i: r_j == r_i}``, a permutation of 0..Na-1 with ties broken by position.
+4. A one-hot permutation ``Q[q, i] = [rank_i == q]`` (a matmul, an exact copy) puts
+   the candidates in rank order. The first ``n_merge`` (the most redundant) merge
+   into B, each to its most similar target (weights W (B, Nb, n_merge)); the rest
+   are kept.
+5. Output: ``[kept candidates, size-weighted merge of W into x_B]``.
+
+A step removes at most ``ceil(N / 2)`` tokens; larger requests run as several
+steps (:func:`mame_step` returns them all, :func:`mare_restore` undoes them).
 """
 
 from __future__ import annotations
@@ -18,12 +35,19 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "MergeStep",
     "Partition",
     "partition",
+    "redundancy_ranks",
+    "selection_matrix",
+    "merge_weights",
     "mame_weights",
+    "size_aware_similarity",
     "mame_merge",
     "mame_step",
+    "step_macs",
     "mare_restore",
+    "mare_restore_partition",
     "mame_step_adaptive",
 ]
 
@@ -31,7 +55,305 @@ __all__ = [
 # normalisations divide by sums that can be tiny, which fp16 cannot hold.
 _EPS = 1e-6
 _TINY = 1e-12
-_REFINE_SLACK = 1e-6
+_BAND_MIN = 1e-6
+
+
+def real_tensors() -> contextlib.AbstractContextManager:
+    """A context in which new tensors are real even inside an exporter's fake mode."""
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return unset_fake_temporarily()
+
+
+def _constant(make: object, *key: object) -> torch.Tensor:
+    """A constant tensor ``make(*key)``: cached and real in eager mode (the cache outlives
+    any trace, so it never keeps fake or inference tensors); made afresh under
+    ``torch.compile``, where it becomes a graph constant."""
+    if torch.compiler.is_compiling():
+        return make(*key)  # type: ignore[operator]
+    return _cached_constant(make, *key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_constant(make: object, *key: object) -> torch.Tensor:
+    with real_tensors(), torch.inference_mode(False):
+        return make(*key)  # type: ignore[operator]
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length in float32; zero rows stay zero with a finite gradient
+    (``F.normalize``'s norm has a NaN gradient at zero)."""
+    v = v.float()
+    return v * torch.rsqrt(v.square().sum(dim=-1, keepdim=True) + _EPS * _EPS)
+
+
+def _normalize_columns(w: torch.Tensor) -> torch.Tensor:
+    # Every column is either all zero or sums to more than _TINY, so the clamp only
+    # keeps 0 / 0 away and is exact for any positive sum.
+    return w / w.sum(dim=-2, keepdim=True).clamp_min(_TINY)
+
+
+# ---- the weights --------------------------------------------------------------------
+
+
+def merge_weights(sim: torch.Tensor, tau: float) -> torch.Tensor:
+    """Merge weights (B, Nt, Ns) from similarities ``sim`` (targets x sources).
+
+    Each source goes to its most similar target (``S == max over targets``: an
+    Equal and a ReduceMax, no ArgMax). ``tau`` widens that: targets whose
+    similarity is within ``(1 - tau) / 2`` of the column's best share the source,
+    weighted by how far they clear that bar. ``tau = 1`` is the single best
+    target, which measured best (docs/method.md); ``tau = -1`` admits every
+    target. Every column sums to 1; ties at the maximum share equally.
+    """
+    best = sim.amax(dim=-2, keepdim=True)
+    width = (1.0 - tau) * 0.5
+    if width < _BAND_MIN:  # narrower than float32 resolves near 1: the best target alone
+        return _normalize_columns((sim == best).float())
+    # A column's maximum clears its bar by `width` > _TINY, so no column is empty.
+    return _normalize_columns((sim - (best - width)).clamp_min(0.0))
+
+
+def mame_weights(
+    metric_targets: torch.Tensor, metric_sources: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """The merge weight matrix W, shape (B, Nt, Ns), in float32: cosine similarity of the
+    metrics, then :func:`merge_weights`. Every column sums to 1."""
+    sim = _unit(metric_targets) @ _unit(metric_sources).transpose(-1, -2)
+    return merge_weights(sim, tau)
+
+
+# ---- data-selected sources ----------------------------------------------------------
+
+
+def _tie_break(n: int, device: str) -> torch.Tensor:
+    # [j < i] at (i, j): earlier positions win ties.
+    idx = torch.arange(n, device=device)
+    return idx[None, :] < idx[:, None]
+
+
+def _slots(first: int, count: int, device: str) -> torch.Tensor:
+    # Rank values n_merge, n_merge + 1, ... as a float32 column (TensorRT: no INT64 Equal
+    # needed, and ranks are small integers, exact in float32).
+    return torch.arange(first, first + count, device=device, dtype=torch.float32)[:, None]
+
+
+def redundancy_ranks(score: torch.Tensor) -> torch.Tensor:
+    """Ranks (B, Na) in float32 of scores (B, Na), highest score first.
+
+    ``rank_i = #{j : s_j > s_i} + #{j < i : s_j == s_i}``: a permutation of
+    0..Na-1 per sample, ties broken by position, from one (Na, Na) comparison
+    matrix and a sum (no Sort, TopK or ArgMax).
+    """
+    n = score.shape[-1]
+    s_i, s_j = score[..., :, None], score[..., None, :]
+    tie = _constant(_tie_break, n, str(score.device))
+    ahead = (s_j > s_i) | ((s_j == s_i) & tie)
+    return ahead.sum(dim=-1, dtype=torch.float32)
+
+
+def selection_matrix(rank: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """One-hot (B, count, Na) float32: row k selects the token of rank ``first + k``."""
+    slots = _constant(_slots, int(first), int(count), str(rank.device))
+    return (rank[..., None, :] == slots).float()
+
+
+@dataclass(frozen=True)
+class MergeStep:
+    """One data-selected step, as :func:`mare_restore` needs it.
+
+    ``order`` (B, Na, Na): the one-hot permutation that sorts the candidates by
+    rank (row q selects the candidate of rank q). ``weights`` (B, Nb, n_merge): where
+    each of the first ``n_merge`` (the merged ones, in rank order) went; every column
+    sums to 1.
+    """
+
+    n: int
+    n_merge: int
+    weights: torch.Tensor
+    order: torch.Tensor
+
+    @property
+    def weights_by_candidate(self) -> torch.Tensor:
+        """W in the candidates' own order (B, Nb, Na); zero columns for kept ones."""
+        return self.weights @ self.order[:, : self.n_merge]
+
+
+def _interleave_inverse(n: int, device: str) -> torch.Tensor:
+    # cat([even positions, odd positions]) -> original order.
+    order = list(range(0, n, 2)) + list(range(1, n, 2))
+    inverse = [0] * n
+    for pos, idx in enumerate(order):
+        inverse[idx] = pos
+    return torch.tensor(inverse, dtype=torch.long, device=device)
+
+
+def size_aware_similarity(
+    cos: torch.Tensor, size_targets: torch.Tensor, size_sources: torch.Tensor
+) -> torch.Tensor:
+    """``1 - hm(s_t, s_s) (1 - cos)``, (B, Nt, Ns): Ward's linkage as a similarity.
+
+    Merging tokens of sizes a and b whose unit keys have cosine c grows the
+    within-cluster sum of squares by ``a b / (a + b) * 2 (1 - c) = hm(a, b) (1 - c)``
+    (hm: the harmonic mean), so the most similar pair here is the cheapest merge.
+    Large merged tokens look less similar; small redundant ones merge first. Equal
+    to ``cos`` for unit sizes.
+    """
+    s_t, s_s = size_targets.float(), size_sources.float().transpose(-1, -2)
+    hm = 2.0 * s_t * s_s / (s_t + s_s)
+    return 1.0 - hm * (1.0 - cos)
+
+
+def _redundancy(metric: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-aware similarities (B, Nb, Na) of targets B to candidates A, and each
+    candidate's redundancy (its best similarity to B)."""
+    k = _unit(metric)
+    cos = k[:, 1::2] @ k[:, 0::2].transpose(-1, -2)
+    sim = size_aware_similarity(cos, sizes[:, 1::2], sizes[:, 0::2])
+    return sim, sim.amax(dim=-2)
+
+
+def _merge_selected(
+    x: torch.Tensor, sizes: torch.Tensor, sim: torch.Tensor, rank: torch.Tensor,
+    n_merge: int, tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, MergeStep]:
+    """Merge the ``n_merge`` lowest-ranked A tokens into B, keep the rest of A.
+
+    The candidates are put in rank order by a one-hot permutation matrix (a matmul,
+    an exact copy); the first ``n_merge`` then merge, the rest are kept.
+    """
+    n, na = x.shape[1], sim.shape[-1]
+    order = selection_matrix(rank, 0, na)  # (B, Na, Na)
+    w = merge_weights(sim @ order[:, :n_merge].transpose(-1, -2), tau)  # (B, Nb, n_merge)
+    s = sizes.float()
+    x_a = order.to(x.dtype) @ x[:, 0::2]
+    s_a = order @ s[:, 0::2]
+    x_b, s_b, s_m = x[:, 1::2], s[:, 1::2], s_a[:, :n_merge]
+    new_b = s_b + w @ s_m  # (B, Nb, 1)
+    # Mix with normalised coefficients so no large intermediate s * x exists.
+    coef_b = (s_b / new_b).to(x.dtype)
+    coef_m = (w * s_m.transpose(-1, -2) / new_b).to(x.dtype)
+    merged_b = torch.baddbmm(coef_b * x_b, coef_m, x_a[:, :n_merge])
+    out = torch.cat([x_a[:, n_merge:], merged_b], dim=1)
+    out_sizes = torch.cat([s_a[:, n_merge:], new_b], dim=1)
+    return out, out_sizes, MergeStep(n, n_merge, w, order)
+
+
+def _split_counts(n: int, n_keep: int) -> list[int]:
+    """Tokens removed per sub-step: at most ceil(N / 2) each (all of A)."""
+    counts, left = [], n - n_keep
+    while left > 0:
+        step = min(left, (n + 1) // 2)
+        counts.append(step)
+        n, left = n - step, left - step
+    return counts
+
+
+def step_macs(n: int, n_keep: int, channels: int, metric_channels: int) -> int:
+    """Multiply-accumulates of :func:`mame_step` per sample (matrix products only): the
+    similarities, the rank-order permutation of the candidates and their sizes, the
+    merged columns of the similarities, ``W s`` and ``W x``, and between sub-steps
+    the metric carried along."""
+    macs, counts = 0, _split_counts(n, n_keep)
+    for i, m in enumerate(counts):
+        na, nb = (n + 1) // 2, n // 2
+        macs += nb * na * metric_channels + na * na * (channels + 1)
+        macs += nb * na * m + nb * m * (channels + 1)
+        if i + 1 < len(counts):
+            macs += na * na * metric_channels + nb * m * metric_channels
+        n -= m
+    return macs
+
+
+def _check_counts(n: int, n_keep: int) -> None:
+    if not 0 < n_keep <= n:
+        raise ValueError(f"n_keep must be in [1, n]; got n={n}, n_keep={n_keep}")
+
+
+def mame_step(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    sizes: torch.Tensor,
+    n_keep: int,
+    tau: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[MergeStep, ...]]:
+    """Static, data-selected MaMe: ``x`` (B, N, C) -> (B, n_keep, C).
+
+    Returns ``(merged x, merged float32 sizes, steps)``; ``steps`` is what
+    :func:`mare_restore` needs to put every position back. The output shape
+    depends on ``(N, n_keep)`` only; which tokens merge depends on the data.
+    """
+    n = x.shape[1]
+    _check_counts(n, n_keep)
+    steps: list[MergeStep] = []
+    sizes = sizes.float()
+    counts = _split_counts(n, n_keep)
+    for i, n_merge in enumerate(counts):
+        sim, score = _redundancy(metric, sizes)
+        x, sizes, step = _merge_selected(x, sizes, sim, redundancy_ranks(score), n_merge, tau)
+        steps.append(step)
+        if i + 1 < len(counts):  # the metric follows its tokens into the next sub-step
+            metric = _carry_metric(metric, step)
+    return x, sizes, tuple(steps)
+
+
+def _carry_metric(metric: torch.Tensor, step: MergeStep) -> torch.Tensor:
+    k = metric.float()
+    k_a = step.order @ k[:, 0::2]
+    return torch.cat([k_a[:, step.n_merge:], k[:, 1::2] + step.weights @ k_a[:, :step.n_merge]],
+                     dim=1)
+
+
+def mare_restore(y: torch.Tensor, steps: tuple[MergeStep, ...]) -> torch.Tensor:
+    """MaRe: undo :func:`mame_step`, restoring all N positions from its output.
+
+    Per step, last first: B tokens take their merged values, a merged A token
+    becomes ``sum_j W[j, i] y_j`` (its target's value), kept A tokens are already
+    there, the transposed permutation puts A back in its own order, and a constant
+    permutation interleaves A and B again.
+    """
+    for step in reversed(steps):
+        n_kept = step.order.shape[1] - step.n_merge
+        y_kept, y_b = y[:, :n_kept], y[:, n_kept:]
+        y_merged = step.weights.transpose(-1, -2).to(y.dtype) @ y_b
+        y_a = step.order.transpose(-1, -2).to(y.dtype) @ torch.cat([y_merged, y_kept], dim=1)
+        inverse = _constant(_interleave_inverse, step.n, str(y.device))
+        y = torch.cat([y_a, y_b], dim=1).index_select(1, inverse)
+    return y
+
+
+def mame_step_adaptive(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    sizes: torch.Tensor,
+    n_keep: int,
+    tau: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive MaMe (eager only): a candidate merges only if its redundancy (best
+    size-aware similarity to a target; the cosine for unit sizes) exceeds ``tau`` in
+    every sample of the batch, and at most ``N - n_keep`` merge (the static count is
+    the floor of what stays). The output count follows the data."""
+    n = x.shape[1]
+    _check_counts(n, n_keep)
+    sizes = sizes.float()
+    left = n - n_keep
+    while left > 0:
+        sim, score = _redundancy(metric, sizes)
+        above = int((score > tau).sum(dim=-1).min())
+        n_merge = min(left, score.shape[-1], above)
+        if n_merge == 0:
+            break
+        x, sizes, step = _merge_selected(x, sizes, sim, redundancy_ranks(score), n_merge, tau)
+        left -= n_merge
+        if n_merge < score.shape[-1]:  # every candidate over tau merged, or the count is met
+            break
+        metric = _carry_metric(metric, step)
+    return x, sizes
+
+
+# ---- constant partitions (UNet grids) -----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -40,6 +362,7 @@ class Partition:
 
     ``targets``/``sources`` are index lists into the N tokens, both ascending;
     ``inverse`` puts ``cat([targets, sources])`` back into the original order.
+    Used where the split is fixed by position (the UNet's 2-D grid).
     """
 
     n: int
@@ -73,7 +396,6 @@ def _partition_lists(n: int, n_keep: int) -> tuple[tuple[int, ...], ...]:
 
 @torch.compiler.assume_constant_result
 def _partition_lists_constant(n: int, n_keep: int) -> tuple[tuple[int, ...], ...]:
-    # Under torch.compile the lists are evaluated once, outside the trace.
     return _partition_lists(n, n_keep)
 
 
@@ -85,170 +407,40 @@ def _as_partition(n: int, n_keep: int, device: str) -> Partition:
 
 @functools.lru_cache(maxsize=512)
 def _partition_cached(n: int, n_keep: int, device: str) -> Partition:
-    # The cache outlives any trace or mode: make real, normal tensors even if the
-    # first call happens under an exporter's fake-tensor mode or inference_mode
-    # (inference tensors would break a later backward or torch.export).
     with real_tensors(), torch.inference_mode(False):
         return _as_partition(n, n_keep, device)
 
 
-def real_tensors() -> contextlib.AbstractContextManager:
-    """A context in which new tensors are real even inside an exporter's fake mode."""
-    try:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-    except ImportError:  # pragma: no cover - older torch
-        return contextlib.nullcontext()
-    return unset_fake_temporarily()
-
-
 def partition(n: int, n_keep: int, device: torch.device | str = "cpu") -> Partition:
-    """The constant partition for ``n`` tokens keeping ``n_keep``; cached.
-
-    Depends on ``(n, n_keep)`` only, never on data, and is computed once per
-    (n, n_keep, device) and reused by every forward. Under ``torch.compile`` the
-    index lists become graph constants and nothing is cached.
-    """
-    if not 0 < n_keep <= n:
-        raise ValueError(f"n_keep must be in [1, n]; got n={n}, n_keep={n_keep}")
+    """A constant 1-D partition of ``n`` tokens keeping ``n_keep`` evenly spread targets;
+    cached. Depends on ``(n, n_keep)`` only, never on data."""
+    _check_counts(n, n_keep)
     device = str(torch.device(device))
     if torch.compiler.is_compiling():
         return _as_partition(int(n), int(n_keep), device)
     return _partition_cached(int(n), int(n_keep), device)
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit length in float32; zero rows stay zero with a finite gradient
-    (``F.normalize``'s norm has a NaN gradient at zero)."""
-    v = v.float()
-    return v * torch.rsqrt(v.square().sum(dim=-1, keepdim=True) + _EPS * _EPS)
-
-
-def _normalize_columns(w: torch.Tensor) -> torch.Tensor:
-    # Every column here is either all zero or sums to more than _TINY (its non-zero
-    # entries are > _TINY), so the clamp only keeps 0 / 0 away: exact for any
-    # positive sum (an additive eps would leave a column that is barely over the
-    # threshold summing to well under 1), and zero columns stay zero.
-    return w / w.sum(dim=-2, keepdim=True).clamp_min(_TINY)
-
-
-def mame_weights(
-    metric_targets: torch.Tensor, metric_sources: torch.Tensor, tau: float
-) -> torch.Tensor:
-    """The merge weight matrix W, shape (B, Nt, Ns), computed in float32.
-
-    Cosine similarity, shifted threshold ``relu(S - tau)``, column
-    normalisation, refinement (keep weights >= the mean of a column's non-zero
-    weights), and a fallback for distinctive sources (all-zero columns) onto
-    their most similar target(s). Every column sums to 1.
-    """
-    kt = _unit(metric_targets)
-    ks = _unit(metric_sources)
-    sim = kt @ ks.transpose(-1, -2)  # (B, Nt, Ns)
-
-    # relu(S - tau); links weaker than float32 can normalise with a finite
-    # gradient count as none.
-    shifted = sim - tau
-    linked = shifted > _TINY
-    w = _normalize_columns(torch.where(linked, shifted, 0.0))
-    # Non-zero weights per column, counted in float32 (TensorRT has no INT64 Clip).
-    count = linked.sum(dim=-2, keepdim=True, dtype=torch.float32)
-    zeta = w.sum(dim=-2, keepdim=True) / count.clamp_min(1.0)
-    # The column maximum is always >= the mean; the slack keeps it when all
-    # non-zero weights are equal and the mean rounds just above them. In a column
-    # with no link w is all zero and stays so.
-    w = _normalize_columns(torch.where(w >= zeta * (1.0 - _REFINE_SLACK), w, 0.0))
-
-    # Distinctive sources: no target passed the threshold. Fall back to the
-    # best target(s) by an equality with a reduce-max (no ArgMax).
-    fallback = _normalize_columns((sim == sim.amax(dim=-2, keepdim=True)).float())
-    return torch.where(count > 0, w, fallback)
-
-
 def mame_merge(
     x: torch.Tensor, sizes: torch.Tensor, weights: torch.Tensor, part: Partition
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted, mass-preserving merge of sources into targets.
-
-    ``x_t' = (s_t x_t + W (s_s x_s)) / (s_t + W s_s)``, ``s_t' = s_t + W s_s``.
-    Returns the ``n_keep`` merged targets (in order) and their float32 sizes.
-    """
+    """Size-weighted, mass-preserving merge of a constant partition's sources into its
+    targets: ``x_t' = (s_t x_t + W (s_s x_s)) / (s_t + W s_s)``, ``s_t' = s_t + W s_s``."""
     x_t, x_s = x.index_select(1, part.targets), x.index_select(1, part.sources)
     s = sizes.float()
     s_t, s_s = s.index_select(1, part.targets), s.index_select(1, part.sources)
     new_sizes = s_t + weights @ s_s  # (B, Nt, 1)
-    # Mix with normalised coefficients so no large intermediate s * x exists.
     coef_t = (s_t / new_sizes).to(x.dtype)
     coef_s = (weights * s_s.transpose(-1, -2) / new_sizes).to(x.dtype)
-    return torch.baddbmm(coef_t * x_t, coef_s, x_s), new_sizes  # one pass fewer than + @
+    return torch.baddbmm(coef_t * x_t, coef_s, x_s), new_sizes
 
 
-def mame_step(
-    x: torch.Tensor,
-    metric: torch.Tensor,
-    sizes: torch.Tensor,
-    n_keep: int,
-    tau: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Partition]:
-    """One static MaMe step over all of ``x``'s tokens.
-
-    Returns ``(merged x, merged sizes, W, partition)``; W and the partition are
-    what :func:`mare_restore` needs to put every position back.
-    """
-    n = x.shape[1]
-    part = partition(n, n_keep, x.device)
-    if part.n_sources == 0:
-        return x, sizes.float(), x.new_zeros(x.shape[0], n, 0, dtype=torch.float32), part
-    w = mame_weights(
-        metric.index_select(1, part.targets), metric.index_select(1, part.sources), tau
-    )
-    merged, new_sizes = mame_merge(x, sizes, w, part)
-    return merged, new_sizes, w, part
-
-
-def mare_restore(y: torch.Tensor, weights: torch.Tensor, part: Partition) -> torch.Tensor:
-    """MaRe: invert a MaMe step, restoring all N positions from ``n_keep`` targets.
-
-    Targets take their merged values, source j becomes ``sum_i W_ij y_i`` (a
-    convex combination, since W's columns sum to 1), and the constant inverse
-    permutation puts tokens back in place.
-    """
+def mare_restore_partition(
+    y: torch.Tensor, weights: torch.Tensor, part: Partition
+) -> torch.Tensor:
+    """MaRe for a constant partition: targets take their merged values, source j
+    becomes ``sum_i W_ij y_i``, and the constant inverse permutation puts tokens back."""
     if part.n_sources == 0:
         return y
     sources = weights.transpose(-1, -2).to(y.dtype) @ y
     return torch.cat([y, sources], dim=1).index_select(1, part.inverse)
-
-
-def mame_step_adaptive(
-    x: torch.Tensor,
-    metric: torch.Tensor,
-    sizes: torch.Tensor,
-    n_keep: int,
-    tau: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MaMe as in the paper: distinctive sources are retained (eager only).
-
-    A source whose thresholded column is all zero in *any* sample of the batch
-    (union over the batch) is kept as a token of its own, so the output count
-    is ``n_keep + #retained`` and depends on the data. Not exportable to a
-    static graph; use :func:`mame_step` for export.
-    """
-    n = x.shape[1]
-    part = partition(n, n_keep, x.device)
-    if part.n_sources == 0:
-        return x, sizes.float()
-    kt = _unit(metric.index_select(1, part.targets))
-    ks = _unit(metric.index_select(1, part.sources))
-    linked_any = ((kt @ ks.transpose(-1, -2) - tau) > _TINY).any(dim=-2)  # (B, Ns)
-    retained = ~linked_any.all(dim=0)  # (Ns,) distinctive in some sample
-    if not bool(retained.any()):
-        merged, new_sizes, _, _ = mame_step(x, metric, sizes, n_keep, tau)
-        return merged, new_sizes
-    keep_idx = torch.cat([part.targets, part.sources[retained]]).sort().values
-    merge_idx = part.sources[~retained]
-    s = sizes.float()
-    if merge_idx.numel() == 0:
-        return x.index_select(1, keep_idx), s.index_select(1, keep_idx)
-    w = mame_weights(metric.index_select(1, keep_idx), metric.index_select(1, merge_idx), tau)
-    # Reuse the static merge with an ad-hoc partition over the kept/merged lists.
-    adhoc = Partition(n, int(keep_idx.numel()), keep_idx, merge_idx, keep_idx)
-    return mame_merge(x, s, w, adhoc)

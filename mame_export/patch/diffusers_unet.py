@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mame_export.ops import mame_merge, mame_weights, mare_restore
+from mame_export.ops import mame_merge, mame_weights, mare_restore_partition
 from mame_export.ops.grid import grid_partition
 from mame_export.plan import BlockPlan, MergePlan, check_ratio, check_tau
 
@@ -174,7 +174,7 @@ class _MaMeBasicTransformerBlock:
         merged, sizes = mame_merge(norm, ones, weights, part)
         bias = sizes.log().to(x.dtype).transpose(1, 2)[:, None] if cfg.prop_attn else None
         out = _self_attention(self.attn1, merged, bias)
-        x = mare_restore(out, weights, part) + x
+        x = mare_restore_partition(out, weights, part) + x
 
         if self.attn2 is not None:
             norm = self.norm2(x)
@@ -183,7 +183,7 @@ class _MaMeBasicTransformerBlock:
             out = self.attn2(
                 norm, encoder_hidden_states=context, attention_mask=context_mask, **kwargs
             )
-            x = (mare_restore(out, weights, part) if cfg.merge_crossattn else out) + x
+            x = (mare_restore_partition(out, weights, part) if cfg.merge_crossattn else out) + x
 
         norm = self.norm3(x)
         if cfg.merge_mlp:
@@ -194,7 +194,7 @@ class _MaMeBasicTransformerBlock:
             out = _chunked_feed_forward(self.ff, norm, self._chunk_dim, self._chunk_size)
         else:
             out = self.ff(norm)
-        return (mare_restore(out, weights, part) if cfg.merge_mlp else out) + x
+        return (mare_restore_partition(out, weights, part) if cfg.merge_mlp else out) + x
 
 
 def _self_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mame_export.ops import mame_step, mame_step_adaptive
+from mame_export.ops import mame_step, mame_step_adaptive, step_macs
 from mame_export.plan import (
     BlockPlan,
     MergePlan,
@@ -157,7 +157,7 @@ class _MaMeBlock:
             if cfg["mode"] == "adaptive":
                 keep = max(1, round(x_m.shape[1] * self._mame_keep_ratio))
                 return mame_step_adaptive(x_m, k_m, s_m, keep, cfg["tau"])
-            merged, s_new, _, _ = mame_step(x_m, k_m, s_m, n_keep, cfg["tau"])
+            merged, s_new, _ = mame_step(x_m, k_m, s_m, n_keep, cfg["tau"])
             return merged, s_new
 
         return merge_unprotected(x, size, metric, self._mame_protected, step)
@@ -280,8 +280,7 @@ def _macs(model: nn.Module, blocks: list[BlockPlan], merge_cost: bool) -> int:
         macs += _linear_macs(attn) * n + 2 * n * n * attn.attn_dim
         macs += _linear_macs(blk.mlp) * bp.tokens_out
         if merge_cost and bp.merges:
-            n_t, n_s = bp.tokens_out - p, bp.tokens_in - bp.tokens_out
-            macs += n_t * n_s * (attn.head_dim + model.embed_dim + 1)
+            macs += step_macs(n - p, bp.tokens_out - p, model.embed_dim, attn.head_dim)
     n_final = blocks[-1].tokens_out
     if model.attn_pool is not None:
         ap = model.attn_pool
