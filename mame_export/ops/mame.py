@@ -51,6 +51,10 @@ __all__ = [
     "mame_step_adaptive",
 ]
 
+# Names the merge computation a graph was exported with (recorded in its sidecar): a graph
+# made with another one cannot be compared with this code's eager model.
+MERGE_OP = "data-selected, size-aware (Ward), best target; v2"
+
 # Weights and sizes are computed in float32 whatever the token dtype: the
 # normalisations divide by sums that can be tiny, which fp16 cannot hold.
 _EPS = 1e-6
