@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -109,8 +110,11 @@ def run(args: argparse.Namespace) -> int:
                                  prop_attn=args.prop_attn, tome=args.tome)
     report = ev.evaluate(variants, images, ev.transform_for(model, args.img_size), args.batch,
                          _log)
+    from mame_export.job import versions
+
     report = {"model": spec.alias, "source": spec.source_name, "weights": source,
-              "data": str(args.data), **report}
+              "data": str(args.data), "command": shlex.join(["mame-export", *sys.argv[1:]]),
+              "versions": versions(), **report}
     if args.plot:
         _log(f"wrote {ev.plot(report, args.plot, title=f'{spec.alias} on {args.data}')}")
     if args.json:
