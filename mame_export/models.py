@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 import socket
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +16,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from mame_export.errors import CheckpointError, UserError
+from mame_export.errors import CheckpointError, UserError, check_file, one_line
 
 
 class UnknownModelError(UserError):
     """The model name is neither an alias nor a timm model."""
+
+
+class UnsupportedModelError(UserError):
+    """A model MaMe cannot patch, or this tool cannot export, at these settings."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,15 @@ def resolve(name: str) -> ModelSpec:
     base = name.split(".", 1)[0]
     if timm.is_model(base):
         # An untagged name builds at its default tag's size (vit_*_dinov2: 518).
-        cfg = timm.models.get_pretrained_cfg(name if "." in name else base)
+        try:
+            cfg = timm.models.get_pretrained_cfg(name if "." in name else base)
+        except RuntimeError:  # an unknown pretrained tag
+            tags = [t.split(".", 1)[1] for t in timm.list_pretrained(base) if "." in t
+                    and t.split(".", 1)[0] == base]
+            close = difflib.get_close_matches(name.split(".", 1)[1], tags, n=3, cutoff=0.3)
+            known = ", ".join(close or tags[:6]) or "none"
+            raise UnknownModelError(f"{base} has no pretrained tag {name.split('.', 1)[1]!r} "
+                                    f"(tags: {known}); or give the name without a tag") from None
         img = 224
         if cfg is not None and getattr(cfg, "input_size", None):
             img = int(cfg.input_size[-1])
@@ -126,6 +140,74 @@ def _random_timm(spec: ModelSpec, kw: dict[str, Any]) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         return timm.create_model(spec.source_name, pretrained=False, **kw).eval()
+
+
+def skeleton(spec: ModelSpec, img_size: int | None = None) -> nn.Module | None:
+    """The model's modules with no weights (on the meta device): what it is made of,
+    known in a moment, before anything is built or downloaded. None for the UNet, or
+    when timm cannot build the model without memory."""
+    if spec.family != "timm-vit":
+        return None
+    import timm
+
+    kw: dict[str, Any] = dict(spec.kwargs)
+    if img_size is not None:
+        kw["img_size"] = img_size
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return timm.create_model(spec.source_name, pretrained=False, **kw)
+    except Exception:  # noqa: BLE001 - the full build runs the same checks after
+        return None
+
+
+def check_architecture(model: nn.Module, name: str, img_size: int | None = None,
+                       export: bool = True) -> None:
+    """One-line UnsupportedModelError for a model MaMe cannot patch (not a timm ViT, other
+    blocks), a hybrid ViT (CNN stem) to export, or an input size the patch grid does not
+    fit. Runs on a :func:`skeleton` before any work, and on the built model."""
+    from timm.layers import Attention, PatchEmbed
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    cls = type(model)
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"{name} is a {cls.__module__}.{cls.__name__}; MaMe supports timm "
+            "VisionTransformer models (ViT, DeiT, SigLIP/SigLIP2, register-token ViTs) "
+            "and sd21-unet"
+        )
+    for i, blk in enumerate(model.blocks):
+        attn = getattr(blk, "attn", None)
+        if not isinstance(blk, Block) or not isinstance(attn, Attention):
+            inner = f" with {type(attn).__name__}" if attn is not None else \
+                " (no separate attention module)"
+            raise UnsupportedModelError(
+                f"{name}: block {i} is {type(blk).__name__}{inner}; MaMe supports timm ViTs "
+                "built from the standard Block and Attention only"
+            )
+    pe = model.patch_embed
+    if not isinstance(pe, PatchEmbed):
+        if export:
+            raise UnsupportedModelError(
+                f"{name} is a hybrid ViT (a {type(pe).__name__} CNN stem before the "
+                "transformer); its graph cannot be exported: `mame-export plan` and eager use "
+                "work, export supports ViTs with a plain patch embedding"
+            )
+        return
+    ph, pw = pe.patch_size
+    if img_size is None:
+        return
+    if img_size < max(ph, pw):
+        raise UnsupportedModelError(
+            f"--img-size {img_size} is smaller than {name}'s patch size {ph}: there would "
+            f"be no patch; use {ph} or more"
+        )
+    if not getattr(pe, "dynamic_img_pad", False) and (img_size % ph or img_size % pw):
+        lo, hi = img_size // ph * ph, (img_size // ph + 1) * ph
+        raise UnsupportedModelError(
+            f"--img-size {img_size} is not a multiple of {name}'s patch size {ph}: the model "
+            f"would crop the input to {lo} px; use {lo} or {hi}"
+        )
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -198,32 +280,73 @@ def build_model(
     return model, f"file:{Path(weights).resolve()}"
 
 
+def _checkpoint_format(p: Path) -> str:
+    """'safetensors' or 'torch' from the file's first bytes (not its name)."""
+    with open(p, "rb") as f:
+        head = f.read(9)
+    n = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+    if head[8:9] == b"{" and 2 <= n <= p.stat().st_size - 8:  # header length, then JSON
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip / legacy pickle
+        return "torch"
+    if p.suffix.lower() == ".safetensors":
+        return "safetensors"
+    return "torch"
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .safetensors file or a torch state dict (weights_only), unwrapping common wrappers."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
+    p = check_file(path, "checkpoint", CheckpointError)
     try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        fmt = _checkpoint_format(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if fmt == "safetensors":
+                from safetensors.torch import load_file
 
-            obj: Any = load_file(str(p), device="cpu")
-        else:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+                obj: Any = load_file(str(p), device="cpu")
+            else:
+                obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any read failure is a bad file for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {p}: {first[:200]}") from None
+        if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
+            raise CheckpointError(
+                f"refused to load checkpoint {p}: it holds Python objects besides tensors, "
+                "and loading those could run code; re-save it as a plain state dict or as "
+                "safetensors"
+            ) from None
+        text = one_line(str(e))
+        detail = f"{type(e).__name__}: {text}" if len(text) < 20 else text
+        if len(detail) > 200:
+            detail = detail[:197].rsplit(" ", 1)[0] + " ..."
+        raise CheckpointError(f"cannot read checkpoint {p} (not a readable safetensors or "
+                              f"torch file): {detail}") from None
     for key in ("state_dict", "model", "model_ema", "module", "params"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{p} holds no state dict of tensors")
+    no_data = [k for k, v in obj.items() if v.is_meta]
+    if no_data:
+        raise CheckpointError(f"checkpoint {p} holds {len(no_data)} meta tensor(s) without "
+                              f"values (e.g. {no_data[0]}); save it from a model with real weights")
+    odd = [k for k, v in obj.items() if v.layout != torch.strided]
+    if odd:
+        raise CheckpointError(f"checkpoint {p} holds {len(odd)} sparse or other non-dense "
+                              f"tensor(s) (e.g. {odd[0]}); save dense tensors")
     prefixes = ("module.", "model.")
     for pre in prefixes:
         if obj and all(k.startswith(pre) for k in obj):
             obj = {k[len(pre):]: v for k, v in obj.items()}
     return dict(obj)
+
+
+def _dtype_kind(t: torch.Tensor) -> str:
+    if t.is_complex():
+        return "complex"
+    if t.is_floating_point():
+        return "floating-point"
+    return "bool" if t.dtype == torch.bool else "integer"
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
@@ -234,6 +357,16 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     unexpected = [k for k in sd if k not in own]
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
              for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if not (missing or unexpected or wrong):
+        kinds = [(k, sd[k].dtype, _dtype_kind(v)) for k, v in own.items()
+                 if _dtype_kind(sd[k]) != _dtype_kind(v)]
+        if kinds:
+            k, got, want = kinds[0]
+            raise CheckpointError(
+                f"checkpoint {path} holds {len(kinds)} tensor(s) of the wrong dtype for "
+                f"{type(model).__name__} (e.g. {k} is {str(got).replace('torch.', '')}; "
+                f"the model needs a {want} tensor)"
+            )
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -245,4 +378,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         raise CheckpointError(
             f"checkpoint {path} does not fit {type(model).__name__}: " + ", ".join(parts)
         )
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        warn(f"checkpoint {path} holds NaN or infinite values in {len(bad)} tensor(s) "
+             f"(e.g. {bad[0]}): the model's outputs will not be finite")
     model.load_state_dict(sd, strict=True)

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from mame_export.errors import UserError
-from mame_export.export import PRECISIONS, export_onnx
+from mame_export.export import PRECISIONS, export_onnx, set_default_mode
 from mame_export.plan import check_ratio
 from mame_export.runners import OrtRunner, TorchRunner
 
@@ -900,6 +900,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
+        set_default_mode(tmp)  # mkstemp makes 0600; a plot is as readable as any file
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -88,6 +88,48 @@ def test_audit_and_parity_commands_on_the_exported_graph(exported) -> None:
     assert res.returncode == 0
 
 
+def test_parity_refuses_a_graph_made_with_another_merge_op(exported, tmp_path, capsys) -> None:
+    _, meta, _ = exported
+    graph = tmp_path / "old.onnx"
+    os.link(meta["onnx"], graph)
+    sidecar = json.loads(Path(meta["metadata_path"]).read_text())
+    assert sidecar["merge_op"]
+    del sidecar["merge_op"]  # as written by mame-export 0.1.0 (fixed source positions)
+    sidecar["versions"]["mame-export"] = "0.1.0"
+    graph.with_suffix(".json").write_text(json.dumps(sidecar))
+    assert main(["parity", str(graph)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "exported by mame-export 0.1.0")
+
+
+def test_target_macs_solves_r_and_out_of_reach_is_one_line(capsys) -> None:
+    assert main(["plan", "vit_t", "--target-macs", "0.5", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["flops_ratio"] <= 0.5 and 0.6 < plan["r"] < 0.75
+    assert plan["merge_layers"] == list(range(8))  # the default: the first min(8, depth)
+    assert main(["plan", "vit_t", "--target-macs", "0.05"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "out of reach")
+    assert main(["plan", "vit_t", "--target-macs", "1.5"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "target MACs ratio must be in")
+
+
+def test_img_size_builds_the_model_before_the_checkpoint_loads(tmp_path, capsys) -> None:
+    # A DINOv2-style model defaults to 518 px; a checkpoint saved at 224 must load at 224.
+    import timm
+    from safetensors.torch import save_file
+
+    kw = dict(img_size=224, depth=1, embed_dim=48, num_heads=2, num_classes=0)
+    small = timm.create_model("vit_small_patch14_dinov2", **kw)
+    ckpt = tmp_path / "dinov2_224.safetensors"
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(ckpt))
+    from mame_export.models import build_model, resolve
+
+    spec = resolve("vit_small_patch14_dinov2")
+    assert spec.img_size == 518  # the untagged name builds at its default tag's size
+    spec = type(spec)(**{**spec.__dict__, "kwargs": dict(depth=1, embed_dim=48, num_heads=2)})
+    model, source = build_model(spec, str(ckpt), img_size=224)
+    assert model.patch_embed.img_size == (224, 224) and source.startswith("file:")
+
+
 def _graph_with(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
     g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
@@ -137,7 +179,7 @@ def test_audit_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         (["vit_t", "--r", "1.0"], "r must be in [0, 1)"),
         (["vit_t", "--r", "-0.1"], "r must be in [0, 1)"),
         (["vit_t", "--tau", "1.5"], "tau must be in [-1, 1]"),
-        (["vit_t", "--batch", "0"], "--batch must be >= 1"),
+        (["vit_t", "--batch", "0"], "--batch must be in [1, 4096]"),
         (["plan", "vit_t", "--weights", "/nonexistent/ckpt.pth"], "checkpoint not found"),
     ],
 )
@@ -214,7 +256,7 @@ def test_full_disk_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "g"
     assert main(_tiny_export_args(out)) == 2
     assert_one_line_error(capsys.readouterr().err, "no space left on device")
-    assert [p.name for p in out.iterdir()] == []
+    assert not out.exists()  # the run made the folder, and took it back
 
 
 def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -228,7 +270,7 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> 
     out = tmp_path / "g"
     assert main(_tiny_export_args(out)) == 130
     assert "interrupted" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == []  # ... and nothing is left behind
+    assert not out.exists()  # ... and nothing is left behind, not even the folder
 
 
 def test_adaptive_mode_refuses_export(capsys) -> None:

@@ -11,14 +11,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import math
 import os
+import re
+import signal
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from mame_export.errors import UserError
+# Light imports only: torch and friends load inside main(), where Ctrl-C is caught.
+from mame_export.errors import Interrupted, UserError, one_line
 
 # subcommand -> module in mame_export.cli exposing add_parser(subparsers) and run(args) -> int
 SUBCOMMANDS = {
@@ -31,16 +37,68 @@ SUBCOMMANDS = {
 }
 
 
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def print_json(obj: Any) -> None:
-    """The one JSON object a --json run writes to stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """The one JSON object a --json run writes to stdout (strict JSON: NaN and infinity
+    are written as null)."""
+    sys.stdout.write(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a bad argument is a UserError like any other, not
+    the usage text and the error (5 to 13 lines)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+# A value such as -inf, -1e-3 or -.5 after an option: argparse takes anything that starts
+# with '-' and is not a plain negative number for an option and says "expected one argument".
+_NEGATIVE_VALUE = re.compile(r"^-(?:inf(?:inity)?|nan|\d|\.\d)", re.IGNORECASE)
+
+
+def _value_options(parser: argparse.ArgumentParser) -> set[str]:
+    out: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out |= _value_options(sub)
+        elif action.option_strings and action.nargs != 0:
+            out.update(o for o in action.option_strings if o.startswith("--"))
+    return out
+
+
+def _join_negative_values(args: list[str], options: set[str]) -> list[str]:
+    """``--r -inf`` -> ``--r=-inf`` for options that take a value."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            out += args[i:]
+            break
+        if a in options and i + 1 < len(args) and _NEGATIVE_VALUE.match(args[i + 1]):
+            out.append(f"{a}={args[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     from mame_export import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mame-export",
         description="MaMe token merging -> static ONNX -> TensorRT, with parity and latency "
         "checks. `mame-export MODEL` is short for `mame-export export MODEL`.",
@@ -58,27 +116,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _cli_environment() -> Iterator[None]:
+    """For one run of main(): SIGTERM and SIGHUP interrupt like Ctrl-C (so the same
+    clean-up runs), and warnings print as one line. Restored afterwards."""
+    handlers: dict[int, Any] = {}
+    if sys.platform != "win32":
+        for name in ("SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name)
+            with contextlib.suppress(ValueError, OSError):  # not the main thread
+                previous = signal.getsignal(sig)
+                if previous is signal.SIG_IGN:  # nohup: stay immune
+                    continue
+                handlers[sig] = signal.signal(sig, _raise_interrupted)
+    fmt = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_a, **_k: \
+        f"warning: {one_line(str(message))}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = fmt
+        for sig, h in handlers.items():
+            if h is not None:
+                signal.signal(sig, h)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in and args_in[0] not in SUBCOMMANDS and not args_in[0].startswith("-"):
         args_in.insert(0, "export")
     try:
-        parser = build_parser()
-        args = parser.parse_args(args_in)
-        if args.command is None:
-            parser.print_help(sys.stderr)
-            return 2
-        return int(args.run(args))
+        with _cli_environment():
+            parser = build_parser()
+            args = parser.parse_args(_join_negative_values(args_in, _value_options(parser)))
+            if args.command is None:
+                parser.print_help(sys.stderr)
+                return 2
+            return int(args.run(args))
     except UserError as e:
-        print(f"mame-export: error: {e}", file=sys.stderr)
+        print(f"mame-export: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("mame-export: interrupted; no partial files were left behind", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        name = e.signal_name if isinstance(e, Interrupted) else "Ctrl-C"
+        print(f"mame-export: interrupted ({name}); no partial files were left behind",
+              file=sys.stderr)
+        return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)
     except Exception as e:  # noqa: BLE001 - a bug: one line, traceback on request
         if os.environ.get("MAME_EXPORT_DEBUG"):
             raise
-        print(f"mame-export: internal error: {type(e).__name__}: {e} "
+        print(f"mame-export: internal error: {type(e).__name__}: {one_line(str(e))[:300]} "
               "(set MAME_EXPORT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 

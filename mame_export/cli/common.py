@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mame_export.errors import UserError
-from mame_export.job import ExportRequest
+if TYPE_CHECKING:  # the job module imports torch: it loads when a command runs
+    from mame_export.job import ExportRequest
+
+_LAYER_PART = re.compile(r"(\d+)(?:-(\d+))?")
 
 
 def parse_layers(text: str) -> list[int]:
-    """'0,1,2' or '0-7' or '0-3,8' -> sorted block indices."""
+    """'0,1,2' or '0-7' or '0-3,8' -> sorted block indices; empty, reversed or
+    negative ranges are refused."""
+    hint = "use e.g. 0-7 or 0,2,4"
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"--layers is empty; {hint}")
     out: set[int] = set()
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.update(range(int(a), int(b) + 1))
-            elif part:
-                out.add(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad --layers {text!r}; use e.g. 0-7 or 0,2,4") from None
+    for part in text.split(","):
+        m = _LAYER_PART.fullmatch(part.strip())
+        if m is None:
+            at = f" (at {part.strip()!r})" if part.strip() != text.strip() else ""
+            raise argparse.ArgumentTypeError(f"bad --layers {text!r}{at}; {hint}")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        if b < a:
+            raise argparse.ArgumentTypeError(f"bad --layers {text!r}: the range {a}-{b} runs "
+                                             f"backwards; write {b}-{a}")
+        out.update(range(a, b + 1))
     return sorted(out)
 
 
@@ -53,17 +62,19 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
     if with_export:
         g = p.add_mutually_exclusive_group()
         g.add_argument("--batch", type=int, default=None,
-                       help="static batch size (default 1; 2 for sd21-unet)")
+                       help="static batch size, 1 to 4096 (default 1; 2 for sd21-unet)")
         g.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis")
         p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                        help="precision of the graph (default fp32)")
-        p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+        p.add_argument("--opset", type=int, default=18,
+                       help="ONNX opset, 18 to 22 (default 18)")
         p.add_argument("--out", type=Path, default=Path("graphs"),
                        help="output folder (default graphs/)")
         p.add_argument("--parity-batches", type=int, default=3,
-                       help="fresh random input batches for the parity check (default 3)")
+                       help="fresh random input batches for the parity check, 1 to 1000 "
+                            "(default 3)")
         p.add_argument("--seed", type=int, default=None,
-                       help="seed for the parity inputs (default: fresh each run)")
+                       help="seed for the parity inputs, >= 0 (default: fresh each run)")
         t = p.add_argument_group("TensorRT (needs the trt extra and an NVIDIA GPU)")
         t.add_argument("--trt", action="store_true",
                        help="also build a strongly typed TensorRT engine and check its parity")
@@ -82,6 +93,8 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
 
 
 def request_from_args(args: argparse.Namespace, export: bool = True) -> ExportRequest:
+    from mame_export.job import ExportRequest
+
     req = ExportRequest(
         model=args.model, r=args.r, target_macs=args.target_macs, tau=args.tau,
         layers=args.layers, prop_attn=args.prop_attn,
@@ -102,7 +115,5 @@ def request_from_args(args: argparse.Namespace, export: bool = True) -> ExportRe
             workspace_bytes=parse_size(args.workspace) if args.workspace else None,
             timing_cache=args.timing_cache, builder_opt_level=args.builder_opt_level)
         req.engines_dir = args.engines
-    if req.parity_batches < 1:
-        raise UserError("--parity-batches must be >= 1")
     req.validate(export=export)
     return req

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from mame_export.cli.common import add_model_args, request_from_args
 
+PARITY_TMP_PREFIX = "mame-parity-"
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -28,16 +30,20 @@ def run(args: argparse.Namespace) -> int:
 
     runners = [r.strip() for r in args.runners.split(",") if r.strip()]
     weights = None if args.weights == "auto" else args.weights
-    if args.model.endswith(".onnx"):
+    if args.model.lower().endswith(".onnx"):
         report = parity_for_graph(Path(args.model), runners, args.parity_batches, args.seed,
                                   weights=weights)
     else:
-        from mame_export.job import run_export
+        from mame_export.export import clean_stale_dirs, tmp_prefix
+        from mame_export.job import check_runner_names, run_export
         from mame_export.parity import ParityReport
 
         req = request_from_args(args)
+        check_runner_names(runners)
         req.runners = tuple(runners)
-        with tempfile.TemporaryDirectory(prefix="mame-parity-") as tmp:
+        # Named with the pid, so a later run can remove the folder of a run that was killed.
+        clean_stale_dirs(Path(tempfile.gettempdir()), (PARITY_TMP_PREFIX,))
+        with tempfile.TemporaryDirectory(prefix=tmp_prefix(PARITY_TMP_PREFIX)) as tmp:
             req.out_dir = Path(tmp)
             report = ParityReport.from_dict(run_export(req)["parity"])
     if args.json:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mame_export.errors import UserError
-from mame_export.profile import TimingSettings
+
+if TYPE_CHECKING:  # mame_export.profile imports torch: it loads when the command runs
+    from mame_export.profile import TimingSettings
 
 DEFAULT_BACKENDS = "torch,onnxrt"
 
@@ -73,7 +78,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def check_plot_path(path: str) -> None:
+    """Refuse, before any timing, a --plot PATH that cannot be written (or matplotlib
+    missing): the run takes minutes and its table must not be lost at the end."""
+    import importlib.util
+
+    from mame_export.export import check_out_dir
+
+    p = Path(path)
+    if os.path.isdir(p):
+        raise UserError(f"--plot {path} is a folder; give a file path, e.g. latency.png")
+    if os.path.exists(p) and not os.access(p, os.W_OK):
+        raise UserError(f"--plot {path} cannot be replaced (permission denied)")
+    try:
+        check_out_dir(p.parent if str(p.parent) else Path("."))
+    except UserError as e:
+        raise UserError(f"--plot {path}: {e}") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plot needs matplotlib: pip install 'mame-export[plot]'")
+
+
 def timing_settings(args: argparse.Namespace) -> TimingSettings:
+    from mame_export.profile import TimingSettings
+
     d = TimingSettings()
     min_iters = d.min_iters if args.min_iters is None else args.min_iters
     return TimingSettings(
@@ -116,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--threads must be >= 1; got {args.threads}")
     if args.img_size is not None and args.img_size < 1:
         raise UserError(f"--img-size must be positive; got {args.img_size}")
+    if args.plot:
+        check_plot_path(args.plot)
     spec = resolve(args.model)
     if spec.family != "timm-vit":
         raise UserError(f"profile supports image models (timm ViTs); {spec.alias} is {spec.family}")
@@ -136,10 +165,6 @@ def run(args: argparse.Namespace) -> int:
         command=command_line(args),
     )
     out = report.to_dict()
-    if args.plot:
-        path = plot(out["results"], args.plot,
-                    title=f"{spec.alias}, {report.device}, {args.precision}")
-        print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print_json(out)
     else:
@@ -147,4 +172,12 @@ def run(args: argparse.Namespace) -> int:
         print("versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()))
         print(f"command: {report.command}")
         print(format_table(out["results"]))
+    if args.plot:  # after the results are out: a failing plot loses nothing
+        try:
+            path = plot(out["results"], args.plot,
+                        title=f"{spec.alias}, {report.device}, {args.precision}")
+        except OSError as e:
+            raise UserError(f"cannot write the plot {args.plot}: {e.strerror or e} (the "
+                            "results above are complete)") from None
+        print(f"wrote {path}", file=sys.stderr)
     return 0
