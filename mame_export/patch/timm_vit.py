@@ -248,9 +248,10 @@ def _check_supported(model: nn.Module) -> None:
     from timm.models.vision_transformer import Block
 
     for i, blk in enumerate(model.blocks):
-        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
+        attn = getattr(blk, "attn", None)
+        if not isinstance(blk, Block) or not isinstance(attn, Attention):
             raise ValueError(
-                f"block {i} is {type(blk).__name__} with {type(blk.attn).__name__}; MaMe "
+                f"block {i} is {type(blk).__name__} with {type(attn).__name__}; MaMe "
                 "supports timm ViTs built from the standard Block and Attention only"
             )
     pool = getattr(model, "global_pool", "")
