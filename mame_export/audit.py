@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,32 +102,25 @@ def load_graph(path: str | os.PathLike, load_external_data: bool = False) -> onn
     return model
 
 
-def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """Nodes of the graph and of every subgraph (If/Loop/Scan bodies)."""
+def _all_nodes(nodes: Iterable[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` and the nodes of every subgraph they hold (If/Loop/Scan bodies)."""
     out = []
-    for node in graph.node:
+    for node in nodes:
         out.append(node)
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                out.extend(_all_nodes(attr.g))
+                out.extend(_all_nodes(attr.g.node))
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    out.extend(_all_nodes(g))
+                    out.extend(_all_nodes(g.node))
     return out
 
 
 def _model_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Nodes of the graph, its subgraphs and its model-local functions (once each)."""
-    out = _all_nodes(model.graph)
+    out = _all_nodes(model.graph.node)
     for f in model.functions:
-        for node in f.node:
-            out.append(node)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    out.extend(_all_nodes(attr.g))
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for g in attr.graphs:
-                        out.extend(_all_nodes(g))
+        out.extend(_all_nodes(f.node))
     return out
 
 

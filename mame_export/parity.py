@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from mame_export.jsonsafe import json_safe
 from mame_export.runners import Runner
 
 
@@ -83,18 +84,6 @@ class OutputStats:
     # Where NaN or infinity turned up: "reference", "output" or "both"; such a
     # comparison fails whatever its other numbers say.
     nonfinite: str | None = None
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every NaN or infinite float replaced by None: JSON has no such
-    numbers, and strict parsers reject the ``NaN`` that Python writes by default."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def _nan_if_none(v: Any) -> Any:

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import math
 import os
 import re
 import signal
@@ -25,6 +24,7 @@ from typing import Any
 
 # Light imports only: torch and friends load inside main(), where Ctrl-C is caught.
 from mame_export.errors import Interrupted, UserError, one_line
+from mame_export.jsonsafe import json_safe
 
 # subcommand -> module in mame_export.cli exposing add_parser(subparsers) and run(args) -> int
 SUBCOMMANDS = {
@@ -37,20 +37,10 @@ SUBCOMMANDS = {
 }
 
 
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def print_json(obj: Any) -> None:
     """The one JSON object a --json run writes to stdout (strict JSON: NaN and infinity
     are written as null)."""
-    sys.stdout.write(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
