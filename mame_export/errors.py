@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import stat
+import sys
 from pathlib import Path
 
 
@@ -41,6 +42,11 @@ class Interrupted(KeyboardInterrupt):
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def warn(msg: str) -> None:
+    """A warning for the user, on stderr (stdout stays for --json)."""
+    print(f"warning: {msg}", file=sys.stderr)
 
 
 def one_line(text: str) -> str:

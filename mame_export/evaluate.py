@@ -294,7 +294,7 @@ def plot(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mame_export.export import atomic_write_bytes
+    from mame_export.artifacts import atomic_write_bytes
 
     rows = report["variants"]
     labelled = any(r["top1"] is not None for r in rows)

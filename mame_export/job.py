@@ -5,16 +5,10 @@ The CLI only parses arguments and prints; everything it does happens here.
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
 import os
-import platform
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -22,156 +16,39 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import mame_export
-from mame_export.audit import audit
-from mame_export.errors import UserError, check_file, path_problem
-from mame_export.export import (
-    PRECISIONS,
-    IOSpec,
+from mame_export.artifacts import (
     OutputDirError,
     atomic_write_text,
     check_out_dir,
     clean_stale_dirs,
     commit_files,
-    export_onnx,
     locked_dir,
     make_dirs,
     private_dir,
-    reduced_precision_copy,
     remove_dirs,
     sha256_file,
 )
-from mame_export.models import (
-    ModelSpec,
-    build_model,
-    check_architecture,
-    resolve,
-    skeleton,
-    state_dict_sha256,
-    warn,
-)
-from mame_export.ops.mame import MERGE_OP
-from mame_export.parity import ParityReport, check_parity, json_safe, tolerance_for
-from mame_export.patch import DEFAULT_TAU, apply, merge_plan, solve_r
-from mame_export.plan import MergePlan, check_ratio, check_target_macs, check_tau
-from mame_export.runners import OrtRunner, Runner, TorchRunner
+from mame_export.audit import audit
+from mame_export.checkpoints import state_dict_sha256
+from mame_export.errors import UserError, check_file, warn
+from mame_export.export import PRECISIONS, export_onnx, reduced_precision_copy
+from mame_export.families import IOSpec, ModelSpec, build_model, get_family, resolve
+from mame_export.families.base import UnsupportedModelError, with_kwargs
+from mame_export.parity import ParityReport, check_parity, tolerance_for
+from mame_export.patch import apply, merge_plan, solve_r
+from mame_export.plan import MergePlan
+from mame_export.request import MAX_BATCH, ExportRequest, check_parity_settings, settings_tag
+from mame_export.runners import Runner, TorchRunner
+from mame_export.runners.factory import GRAPH_RUNNERS, check_runner_names, make_runner
+from mame_export.sidecar import MetadataError, metadata, read_sidecar, sidecar_json, versions
+
+__all__ = ["ExportRequest", "build_patched", "parity_for_graph", "run_export", "versions"]
 
 Log = Callable[[str], None]
-
-# Limits checked before any work starts.
-MAX_BATCH = 4096  # also the dynamic batch axis's upper bound in the graph
-MAX_PARITY_BATCHES = 1000
-MAX_SEED = 2**63 - 1
-# The opsets every export is tested at (tests/test_reliability.py exports each): the
-# dynamo exporter writes 18 and converts up; 17 cannot be written, and at 23 it emits
-# the ONNX Attention op, whose mask ONNX Runtime's CPU provider rejects.
-OPSETS = (18, 22)
 
 
 def stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-@dataclass
-class ExportRequest:
-    """Everything that decides an export; recorded verbatim in the metadata."""
-
-    model: str
-    r: float = 0.5
-    target_macs: float | None = None  # solve r for this MACs ratio instead
-    tau: float | None = None  # None: the mode's default (patch.DEFAULT_TAU)
-    layers: list[int] | None = None
-    mode: str = "static"
-    prop_attn: bool = True
-    batch: int | None = None  # None: the model's default (2 for UNets: CFG)
-    dynamic_batch: bool = False
-    img_size: int | None = None
-    weights: str = "auto"
-    opset: int = 18
-    precision: str = "fp32"
-    out_dir: Path = Path("graphs")
-    parity_batches: int = 3
-    seed: int | None = None
-    runners: tuple[str, ...] = ("onnxrt", "onnxrt-cuda")  # compared against eager PyTorch
-    trt: Any = None  # mame_export.trt.engine.EngineOptions when an engine is wanted
-    engines_dir: Path = Path("engines")
-
-    def validate(self, export: bool = True, check_opset: bool = True) -> None:
-        """One-line UserErrors for bad settings, before any work; ``export=False`` allows
-        adaptive mode (a plan or an eager run, not a graph); ``check_opset=False`` accepts
-        any recorded opset (a graph's sidecar: parity does not export)."""
-        try:
-            check_ratio(self.r)
-            if self.tau is not None:
-                check_tau(self.tau)
-            if self.target_macs is not None:
-                check_target_macs(self.target_macs)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if self.mode not in ("static", "adaptive"):
-            raise UserError(f"--mode must be static or adaptive; got {self.mode!r}")
-        if export and self.mode != "static":
-            raise UserError(
-                f"mode {self.mode!r} cannot be exported: adaptive MaMe has data-dependent token "
-                "counts (eager only); export with --mode static"
-            )
-        # (An empty list is the library's "no merge block"; the CLI refuses an empty --layers.)
-        if self.layers is not None and any(not _is_int(i) or i < 0 for i in self.layers):
-            raise UserError(f"--layers must be block indices >= 0; got {self.layers}")
-        if self.batch is not None and not (_is_int(self.batch) and 1 <= self.batch <= MAX_BATCH):
-            raise UserError(f"--batch must be in [1, {MAX_BATCH}]; got {self.batch}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
-        if check_opset and not (_is_int(self.opset) and OPSETS[0] <= self.opset <= OPSETS[1]):
-            raise UserError(f"--opset must be in [{OPSETS[0]}, {OPSETS[1]}] (the opsets "
-                            f"mame-export exports and tests); got {self.opset}")
-        if self.img_size is not None and not (_is_int(self.img_size) and self.img_size >= 1):
-            raise UserError(f"--img-size must be positive; got {self.img_size}")
-        check_parity_settings(self.parity_batches, self.seed)
-        if self.trt is not None:
-            self.trt.validate()
-            if self.trt.precision != self.precision:
-                raise UserError("engine and graph precision must match (strongly typed engines)")
-            for flag, v in (("--min-batch", self.trt.min_batch), ("--opt-batch",
-                            self.trt.opt_batch), ("--max-batch", self.trt.max_batch)):
-                if v is not None and v > MAX_BATCH:
-                    raise UserError(f"{flag} must be at most {MAX_BATCH}; got {v}")
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def check_parity_settings(batches: int, seed: int | None) -> None:
-    """One-line UserErrors for parity settings out of range (checked before any work)."""
-    if not (_is_int(batches) and 1 <= batches <= MAX_PARITY_BATCHES):
-        raise UserError(f"--parity-batches must be in [1, {MAX_PARITY_BATCHES}]; got {batches}")
-    if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):
-        raise UserError(f"--seed must be in [0, 2**63 - 1]; got {seed}")
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "mame-export": mame_export.__version__}
-    for pkg in ("torch", "timm", "numpy", "onnx", "onnxscript", "onnxruntime",
-                "onnxruntime-gpu", "diffusers", "tensorrt", "polygraphy"):
-        try:
-            out[pkg] = importlib_metadata.version(pkg)
-        except importlib_metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def settings_tag(req: ExportRequest) -> str:
-    """8 hex digits naming every setting that changes the graph but is not spelled out in
-    its file name (tau, layers, proportional attention, mode, weights, opset): two exports
-    that differ in any of them never share a file."""
-    tau = DEFAULT_TAU.get(req.mode, 1.0) if req.tau is None else req.tau
-    weights = req.weights if req.weights in ("auto", "random") else \
-        str(Path(req.weights).resolve())
-    key = {"tau": float(tau), "layers": sorted(set(req.layers)) if req.layers else "default",
-           "prop_attn": bool(req.prop_attn), "mode": req.mode, "weights": weights,
-           "opset": req.opset}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def graph_stem(spec: ModelSpec, req: ExportRequest) -> str:
@@ -191,17 +68,25 @@ def check_destination(out_dir: Path, stem: str) -> None:
 
 def io_spec(spec: ModelSpec, model: nn.Module, img_size: int | None) -> IOSpec:
     """The family's declared inputs and outputs."""
-    if spec.family == "sd-unet":
-        from mame_export.models_sd import sd_unet_io_spec
+    return get_family(spec.family).io_spec(spec, model, img_size)
 
-        return sd_unet_io_spec(model, latent=img_size or spec.img_size)
-    h, w = model.patch_embed.img_size
-    chans = model.patch_embed.proj.in_channels
 
-    def make(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-        return (torch.randn(batch, chans, h, w, generator=gen),)
+def tolerance(req: ExportRequest, io: IOSpec, model: nn.Module) -> Any:
+    """The parity tolerance of this graph: its precision, whether its model selects tokens
+    by data (a plan that merges), and whether its outputs are class scores."""
+    plan = getattr(model, "_mame_plan", None)
+    merged = bool(plan is not None and plan.merge_layers)
+    return tolerance_for(req.precision, merged, class_scores=io.class_scores)
 
-    return IOSpec(("pixels",), ("logits",), make)
+
+def request_spec(req: ExportRequest, spec: ModelSpec) -> ModelSpec:
+    """``spec`` with the request's family-specific variant (``--llava``) applied."""
+    if not req.llava:
+        return spec
+    if "llava" not in get_family(spec.family).capabilities:
+        raise UnsupportedModelError(f"--llava needs a LLaVA vision encoder (clip_l336); "
+                                    f"{spec.alias} is a {spec.family} model")
+    return with_kwargs(spec, spec.alias, llava=True)
 
 
 def feeds_maker(io: IOSpec, batch: int):
@@ -218,17 +103,19 @@ def preflight(spec: ModelSpec, req: ExportRequest, export: bool) -> None:
     """What can be refused from the model's structure alone, refused in a moment and
     before any weights are built, read or downloaded: other families and blocks, hybrid
     ViTs for export, input sizes off the patch grid, layers out of range."""
-    skel = skeleton(spec)
+    family = get_family(spec.family)
+    skel = family.skeleton(spec)
     if skel is None:
         return
-    check_architecture(skel, spec.alias, req.img_size, export)
+    family.check(skel, spec.alias, req.img_size, export)
     if req.img_size is not None:
-        skel = skeleton(spec, req.img_size)
+        skel = family.skeleton(spec, req.img_size)
         if skel is None:
             return
     try:
         apply(skel, req.r if req.target_macs is None else 0.0, tau=req.tau,
-              layers=req.layers, prop_attn=req.prop_attn, mode=req.mode)
+              layers=req.layers, prop_attn=req.prop_attn, mode=req.mode,
+              **family.patch_options(spec, req.img_size))
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
 
@@ -237,17 +124,16 @@ def build_patched(
     req: ExportRequest, log: Log = stderr_log, export: bool = False,
     spec: ModelSpec | None = None,
 ) -> tuple[ModelSpec, nn.Module, MergePlan, str]:
-    spec = spec or resolve(req.model)
+    """Build ``req``'s model and patch it at ``req.r`` (solved from ``req.target_macs``
+    when given); ``spec`` overrides the registry's entry for ``req.model``."""
+    spec = request_spec(req, spec or resolve(req.model))
+    family = get_family(spec.family)
     preflight(spec, req, export)
     log(f"[1/5] building {spec.alias} ({spec.source_name}), weights: {req.weights}")
     model, source = build_model(spec, req.weights, req.img_size)
-    if spec.family == "timm-vit":
-        check_architecture(model, spec.alias, req.img_size, export)
-    family_options = {}
-    if spec.family == "sd-unet":  # the plan is per latent size
-        family_options["latent_size"] = req.img_size or spec.img_size
+    family.check(model, spec.alias, req.img_size, export)
     settings = dict(tau=req.tau, layers=req.layers, prop_attn=req.prop_attn, mode=req.mode,
-                    **family_options)
+                    **family.patch_options(spec, req.img_size))
     try:
         if req.target_macs is not None:
             req.r = solve_r(model, req.target_macs, **settings)
@@ -263,37 +149,19 @@ def build_patched(
     return spec, model, plan, source
 
 
-RUNNERS = ("onnxrt", "onnxrt-cuda", "tensorrt")
-
-
-def check_runner_names(names: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in RUNNERS]
-    if unknown:
-        raise UserError(f"unknown runner(s) {', '.join(unknown)}; choose from {', '.join(RUNNERS)}")
-    if not names:
-        raise UserError(f"--runners is empty; choose from {', '.join(RUNNERS)}")
-
-
 def select_runners(reference: nn.Module, io: IOSpec, onnx_path: Path,
-                   names: Sequence[str] = RUNNERS, trt_options: Any = None,
-                   engines_dir: Path = Path("engines")) -> tuple[TorchRunner, list[Runner]]:
+                   names: Sequence[str] = GRAPH_RUNNERS, trt_options: Any = None,
+                   engines_dir: Path = Path("engines")) -> tuple[Runner, list[Runner]]:
     """The fp32 eager reference and the named candidate runners for one graph."""
-    check_runner_names(names)
-    ref = TorchRunner(reference, io.input_names, io.output_names, name="torch-eager-fp32")
-    cands: list[Runner] = []
-    for n in names:
-        if n == "onnxrt":
-            cands.append(OrtRunner(onnx_path, "cpu"))
-        elif n == "onnxrt-cuda":
-            cands.append(OrtRunner(onnx_path, "cuda"))
-        else:
-            from mame_export.trt.runner import TrtGraphRunner
-
-            cands.append(TrtGraphRunner(onnx_path, trt_options, engines_dir))
+    ref = make_runner("torch", model=reference, input_names=io.input_names,
+                      output_names=io.output_names, label="torch-eager-fp32")
+    cands = [make_runner(n, onnx_path=onnx_path, trt_options=trt_options,
+                         engines_dir=engines_dir) for n in check_runner_names(names)]
     return ref, cands
 
 
-def run_export(req: ExportRequest, log: Log = stderr_log) -> dict[str, Any]:
+def run_export(req: ExportRequest, log: Log = stderr_log,
+               spec: ModelSpec | None = None) -> dict[str, Any]:
     """Build, patch, export, audit and check one graph; returns its metadata.
 
     The metadata's ``ok`` is True only if the audit found nothing and parity
@@ -306,7 +174,7 @@ def run_export(req: ExportRequest, log: Log = stderr_log) -> dict[str, Any]:
     leaves the folder as it was (and removes it if it made it).
     """
     req.validate()
-    spec = resolve(req.model)
+    spec = request_spec(req, spec or resolve(req.model))
     if req.batch is None:
         req.batch = spec.default_batch
     check_out_dir(req.out_dir)
@@ -326,7 +194,7 @@ def run_export(req: ExportRequest, log: Log = stderr_log) -> dict[str, Any]:
         with private_dir(req.out_dir) as tmp:
             meta = _export_in(tmp, req, spec, model, plan, source, io, stem, log)
             meta["onnx"] = str(onnx_path)
-            atomic_write_text(tmp / meta_path.name, _json(meta))
+            atomic_write_text(tmp / meta_path.name, sidecar_json(meta))
             names = sorted((f.name for f in tmp.iterdir() if not f.name.startswith(".")),
                            key=lambda n: (n.endswith(".onnx"), n.endswith(".json"), n))
             commit_files(tmp, req.out_dir, names)  # data files, then sidecar, graph last
@@ -341,10 +209,6 @@ def run_export(req: ExportRequest, log: Log = stderr_log) -> dict[str, Any]:
         update_sidecar(meta_path, onnx_path, {k: v for k, v in meta.items()
                                               if k != "metadata_path"})
     return meta
-
-
-def _json(meta: dict[str, Any]) -> str:
-    return json.dumps(json_safe(meta), indent=2, default=str, allow_nan=False) + "\n"
 
 
 def _export_in(tmp: Path, req: ExportRequest, spec: ModelSpec, model: nn.Module,
@@ -373,7 +237,7 @@ def _export_in(tmp: Path, req: ExportRequest, spec: ModelSpec, model: nn.Module,
     parity_batch = 2 if req.dynamic_batch else req.batch
     parity = check_parity(ref, cands, feeds_maker(io, parity_batch), req.precision,
                           batches=req.parity_batches, seed=req.seed,
-                          tolerance=tolerance_for(req.precision, bool(plan.merge_layers)))
+                          tolerance=tolerance(req, io, model))
     log(parity.summary())
 
     meta = metadata(req, spec, plan, source, result, report.to_dict(), parity, io, example)
@@ -389,7 +253,7 @@ def update_sidecar(meta_path: Path, onnx_path: Path, meta: dict[str, Any]) -> No
             warn(f"{onnx_path} was replaced by another run; {meta_path} is left as that run "
                  "wrote it")
             return
-        atomic_write_text(meta_path, _json(meta))
+        atomic_write_text(meta_path, sidecar_json(meta))
 
 
 def build_and_check_engine(req: ExportRequest, model: nn.Module, io: IOSpec, onnx_path: Path,
@@ -407,133 +271,12 @@ def build_and_check_engine(req: ExportRequest, model: nn.Module, io: IOSpec, onn
     log(f"[trt] {'reused' if res.reused else 'built'} {res.plan}")
     ref = TorchRunner(model, io.input_names, io.output_names, name="torch-eager-fp32")
     batch = req.trt.opt_batch or 2 if req.dynamic_batch else req.batch
-    merged = bool(getattr(model, "_mame_plan", None) and model._mame_plan.merge_layers)
     parity = check_parity(ref, [TrtRunner(res.plan)], feeds_maker(io, batch), req.precision,
                           batches=req.parity_batches, seed=req.seed,
-                          tolerance=tolerance_for(req.precision, merged))
+                          tolerance=tolerance(req, io, model))
     log(parity.summary())
     return {"plan": str(res.plan), "sidecar": str(res.sidecar), "reused": res.reused,
             "metadata": res.metadata, "parity": parity.to_dict()}
-
-
-def metadata(req: ExportRequest, spec: ModelSpec, plan: MergePlan, source: str, result: Any,
-             audit_dict: dict[str, Any], parity: ParityReport, io: IOSpec,
-             example: tuple[torch.Tensor, ...]) -> dict[str, Any]:
-    batch: Any = "dynamic" if req.dynamic_batch else req.batch
-    return {
-        "ok": bool(audit_dict["passed"] and parity.passed),
-        "onnx": str(result.path),
-        "onnx_sha256": result.sha256,
-        "onnx_bytes": result.bytes,
-        "external_data": result.external_data,
-        "export_seconds": round(result.seconds, 2),
-        "exporter": result.exporter,
-        "model": {"name": req.model, "alias": spec.alias, "source": spec.source_name,
-                  "family": spec.family},
-        "weights": source,
-        "settings": {"r": req.r, "tau": req.tau, "layers": plan.merge_layers, "mode": req.mode,
-                     "prop_attn": req.prop_attn, "opset": result.opset or req.opset,
-                     "precision": req.precision,
-                     "batch": batch, "img_size": req.img_size or spec.img_size},
-        "inputs": [{"name": n, "shape": [batch, *t.shape[1:]], "dtype": str(t.dtype)}
-                   for n, t in zip(io.input_names, example, strict=False)],
-        "outputs": list(io.output_names),
-        "plan": plan.to_dict(),
-        "merge_op": MERGE_OP,
-        "audit": audit_dict,
-        "parity": parity.to_dict(),
-        "versions": versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["mame-export", *sys.argv[1:]]) if sys.argv else "",
-    }
-
-
-class MetadataError(UserError):
-    """A graph's metadata sidecar is missing or does not describe a rebuildable model."""
-
-
-def _expect(value: Any, types: Any, what: str) -> Any:
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in
-                                        (types if isinstance(types, tuple) else (types,))):
-        raise TypeError(f"{what} is {type(value).__name__} {value!r:.40}")
-    return value
-
-
-def request_from_metadata(meta: dict[str, Any]) -> ExportRequest:
-    st = _expect(meta["settings"], dict, "settings")
-    if meta.get("merge_op") != MERGE_OP:
-        versions_ = meta.get("versions")
-        made_by = (versions_.get("mame-export", "an earlier version")
-                   if isinstance(versions_, dict) else "an earlier version")
-        raise MetadataError(
-            f"the graph was exported by mame-export {made_by} with another merge op "
-            f"({meta.get('merge_op', 'fixed source positions')}); this version computes "
-            f"{MERGE_OP!r}: re-export the graph to check its parity"
-        )
-    source = _expect(meta["weights"], str, "weights")
-    weights = source[len("file:"):] if source.startswith("file:") else "random"
-    if weights == "random" and not source.startswith("random init"):
-        raise MetadataError(
-            f"the graph was exported with weights from {source}; pass them again with "
-            "--weights PATH to rebuild the eager reference"
-        )
-    layers = st["layers"]
-    if layers is not None:
-        _expect(layers, list, "settings.layers")
-        for i in layers:
-            _expect(i, int, "a settings.layers entry")
-    batch = st["batch"]
-    if batch != "dynamic":
-        _expect(batch, int, "settings.batch")
-    tau = st["tau"]
-    if tau is not None:
-        _expect(tau, (int, float), "settings.tau")
-    img = st["img_size"]
-    if img is not None:
-        _expect(img, int, "settings.img_size")
-    return ExportRequest(
-        model=_expect(_expect(meta["model"], dict, "model")["name"], str, "model.name"),
-        r=_expect(st["r"], (int, float), "settings.r"), tau=tau, layers=layers,
-        mode=_expect(st["mode"], str, "settings.mode"),
-        prop_attn=_expect(st["prop_attn"], bool, "settings.prop_attn"), img_size=img,
-        weights=weights, opset=_expect(st["opset"], int, "settings.opset"),
-        precision=_expect(st["precision"], str, "settings.precision"),
-        batch=batch if batch != "dynamic" else 1,
-        dynamic_batch=batch == "dynamic",
-    )
-
-
-def read_sidecar(graph: Path) -> tuple[dict[str, Any], ExportRequest]:
-    """A graph's metadata sidecar and the export request it records, checked: every
-    problem is a one-line MetadataError."""
-    sidecar = graph.with_suffix(".json")
-    problem = path_problem(sidecar)
-    if problem == "not found":
-        raise MetadataError(f"no metadata sidecar {sidecar}: parity needs it to rebuild the "
-                            "eager reference (export with mame-export MODEL)")
-    if problem is not None:
-        raise MetadataError(f"metadata sidecar {sidecar} {problem}")
-    try:
-        meta = json.loads(sidecar.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise MetadataError(f"unreadable metadata sidecar {sidecar}: not JSON text "
-                            f"({type(e).__name__})") from None
-    except OSError as e:
-        raise MetadataError(f"unreadable metadata sidecar {sidecar}: {e.strerror or e}") from None
-    if not isinstance(meta, dict):
-        raise MetadataError(f"unreadable metadata sidecar {sidecar}: not a JSON object")
-    try:
-        req = request_from_metadata(meta)
-    except KeyError as e:
-        raise MetadataError(f"unreadable metadata sidecar {sidecar}: no {e} entry") from None
-    except (TypeError, ValueError, AttributeError) as e:
-        raise MetadataError(f"unreadable metadata sidecar {sidecar}: {e}") from None
-    try:
-        req.validate(check_opset=False)
-    except UserError as e:
-        raise MetadataError(f"metadata sidecar {sidecar} holds impossible settings: "
-                            f"{str(e).lstrip('-')}") from None
-    return meta, req
 
 
 def parity_for_graph(graph: Path, runners: list[str], batches: int, seed: int | None,
@@ -565,4 +308,4 @@ def parity_for_graph(graph: Path, runners: list[str], batches: int, seed: int | 
     ref, cands = select_runners(model, io, graph, runners)
     batch = 2 if req.dynamic_batch else req.batch
     return check_parity(ref, cands, feeds_maker(io, batch), req.precision, batches=batches,
-                        seed=seed, tolerance=tolerance_for(req.precision, bool(plan.merge_layers)))
+                        seed=seed, tolerance=tolerance(req, io, model))

@@ -31,6 +31,9 @@ class Tolerance:
     # element bound still passes if its relative L2 error ||out - ref|| / ||ref|| is at
     # most this and its top-1 agrees (or is not decisive); it counts as a selection flip.
     flip_rel_l2: float | None = None
+    # The outputs are class scores (2-D logits): top-1 agreement is measured. False for
+    # dense outputs (features, noise predictions), where an argmax decides nothing.
+    class_scores: bool = True
 
     def describe(self) -> str:
         parts = [f"max_abs<={self.max_abs:g}"]
@@ -59,12 +62,16 @@ TOLERANCES: dict[str, Tolerance] = {
 FLIP_REL_L2 = {"fp32": 1e-2}
 
 
-def tolerance_for(precision: str, merged: bool) -> Tolerance:
+def tolerance_for(precision: str, merged: bool, class_scores: bool = True) -> Tolerance:
     """The tolerance of a graph at ``precision``; ``merged``: its model selects tokens by
-    data (any MaMe plan that merges), so selection flips are allowed for."""
+    data (any MaMe plan that merges), so selection flips are allowed for;
+    ``class_scores``: its outputs are logits, so top-1 agreement counts (else it is not
+    measured, and reduced precision is judged by cosine and the element bound)."""
     tol = TOLERANCES[precision]
     if merged and precision in FLIP_REL_L2:
         tol = replace(tol, flip_rel_l2=FLIP_REL_L2[precision])
+    if not class_scores:
+        tol = replace(tol, min_top1=None, class_scores=False)
     return tol
 
 
@@ -207,7 +214,7 @@ def compare_outputs(name: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance)
     within = (diff <= bound).reshape(len(ref64), -1).all(axis=1)  # per sample
     top1 = decisive_top1 = n_decisive = None
     agree = decisive = np.ones(len(ref64), dtype=bool)
-    if ref64.ndim == 2 and ref64.shape[1] > 1:
+    if tol.class_scores and ref64.ndim == 2 and ref64.shape[1] > 1:
         agree = ref64.argmax(1) == out64.argmax(1)
         top1 = float(agree.mean())
         top2 = np.sort(ref64, axis=1)[:, -2:]

@@ -28,6 +28,23 @@ class BlockPlan:
 
 
 @dataclass(frozen=True)
+class BlockSettings:
+    """What one patched block does, fixed at ``apply`` time and stored on the block (the
+    same shape for every family and for the ToMe baseline)."""
+
+    merges: bool
+    tau: float = 1.0
+    prop_attn: bool = True
+    mode: str = "static"
+    protected: int = 0  # leading tokens that never merge (class, distillation, registers)
+    keep_ratio: float = 1.0  # mergeable tokens kept (adaptive mode keeps at least this many)
+    remove: int = 0  # ToMe: tokens this block merges away
+    r: float = 0.0  # UNet: fraction merged before the self-attention
+    merge_crossattn: bool = False  # UNet: also run the cross-attention on merged tokens
+    merge_mlp: bool = False  # UNet: also run the feed-forward on merged tokens
+
+
+@dataclass(frozen=True)
 class MergePlan:
     """Tokens per block and MACs, for one model at one input size."""
 

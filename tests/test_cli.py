@@ -14,7 +14,7 @@ import torch
 from onnx import TensorProto, helper
 
 from mame_export.cli import main
-from mame_export.models import REGISTRY, _random_timm
+from mame_export.families import build_model, registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_img_size_builds_the_model_before_the_checkpoint_loads(tmp_path, capsys)
     small = timm.create_model("vit_small_patch14_dinov2", **kw)
     ckpt = tmp_path / "dinov2_224.safetensors"
     save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(ckpt))
-    from mame_export.models import build_model, resolve
+    from mame_export.families import build_model, resolve
 
     spec = resolve("vit_small_patch14_dinov2")
     assert spec.img_size == 518  # the untagged name builds at its default tag's size
@@ -190,7 +190,7 @@ def test_bad_arguments_one_line(args, needle, capsys: pytest.CaptureFixture) -> 
 
 @pytest.fixture(scope="module")
 def vit_t_state() -> dict[str, torch.Tensor]:
-    return _random_timm(REGISTRY["vit_t"], {}).state_dict()
+    return build_model(registry()["vit_t"], "random")[0].state_dict()
 
 
 def test_checkpoint_formats_load(tmp_path: Path, vit_t_state, capsys) -> None:
@@ -214,7 +214,7 @@ def test_bad_checkpoints(tmp_path: Path, vit_t_state, capsys) -> None:
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(os.urandom(4096))
-    vit_s = _random_timm(REGISTRY["vit_s"], {}).state_dict()
+    vit_s = build_model(registry()["vit_s"], "random")[0].state_dict()
     other = tmp_path / "vit_s.pth"
     torch.save(vit_s, other)
     partial = tmp_path / "partial.pth"
@@ -275,7 +275,7 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> 
 
 def test_adaptive_mode_refuses_export(capsys) -> None:
     from mame_export.errors import UserError
-    from mame_export.job import ExportRequest
+    from mame_export.request import ExportRequest
 
     with pytest.raises(UserError, match="--mode static"):
         ExportRequest(model="vit_t", mode="adaptive").validate()

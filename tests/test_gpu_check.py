@@ -245,7 +245,7 @@ def test_ort_cuda_part_says_why_it_is_skipped():
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has ONNX Runtime CUDA")
-    from mame_export.job import versions
+    from mame_export.sidecar import versions
 
     if "onnxruntime-gpu" in versions():
         pytest.skip("onnxruntime-gpu is installed here")

@@ -16,11 +16,9 @@ from timm.models.vision_transformer import VisionTransformer
 from mame_export.errors import UserError
 from mame_export.profile import (
     QUICK,
-    Prepared,
     Row,
     TimingSettings,
     add_speedups,
-    backend_reason,
     format_markdown,
     format_table,
     measure_interleaved,
@@ -29,6 +27,8 @@ from mame_export.profile import (
     summarize,
     throughput,
 )
+from mame_export.runners import TimedStep
+from mame_export.runners.factory import make_runner, runner_availability
 
 REQUIRED = {"variant": str, "backend": str, "batch": int, "r": float}
 TIMINGS = ("median_ms", "p90_ms", "p99_ms", "throughput")
@@ -94,7 +94,7 @@ def test_speedups_and_efficiency():
 
 def measure(step, inputs, settings, sync=None):
     """One step timed alone: its samples, or the error it raised."""
-    got = measure_interleaved({0: Prepared(step, list(inputs), sync=sync)}, settings)[0]
+    got = measure_interleaved({0: TimedStep(step, list(inputs), sync=sync)}, settings)[0]
     if isinstance(got, Exception):
         raise got
     return got
@@ -145,7 +145,7 @@ def test_measure_calls_sync_every_iteration():
 
 def test_interleaved_steps_take_turns_with_rotating_start():
     calls: list[tuple[str, int]] = []
-    steps = {k: Prepared(lambda x, k=k: calls.append((k, x)), [0, 1]) for k in "abc"}
+    steps = {k: TimedStep(lambda x, k=k: calls.append((k, x)), [0, 1]) for k in "abc"}
     settings = TimingSettings(warmup_iters=1, warmup_s=0.0, min_iters=4, max_iters=4,
                               budget_s=0.0, input_sets=2)
     got = measure_interleaved(steps, settings)
@@ -167,11 +167,11 @@ def test_interleaved_step_that_fails_leaves_the_others_running():
         if count["n"] > 3:  # warm-up and two timed calls work, then it fails
             raise MemoryError("out of memory")
 
-    broken_at_warmup = Prepared(lambda x: 1 / 0, [0, 1])
+    broken_at_warmup = TimedStep(lambda x: 1 / 0, [0, 1])
     settings = TimingSettings(warmup_iters=1, warmup_s=0.0, min_iters=6, max_iters=6,
                               budget_s=0.0, input_sets=2)
-    got = measure_interleaved({"ok": Prepared(lambda x: None, [0, 1]),
-                               "flaky": Prepared(flaky, [0, 1]),
+    got = measure_interleaved({"ok": TimedStep(lambda x: None, [0, 1]),
+                               "flaky": TimedStep(flaky, [0, 1]),
                                "broken": broken_at_warmup}, settings)
     assert isinstance(got["ok"], np.ndarray) and len(got["ok"]) == 6
     assert isinstance(got["flaky"], MemoryError)
@@ -184,7 +184,7 @@ def test_interleaved_budget_scales_with_the_number_of_steps():
     settings = TimingSettings(warmup_iters=0, warmup_s=0.0, min_iters=1, max_iters=10_000,
                               budget_s=0.02, input_sets=2)
     t0 = time.perf_counter()
-    got = measure_interleaved({k: Prepared(lambda x: None, [0, 1]) for k in range(3)}, settings)
+    got = measure_interleaved({k: TimedStep(lambda x: None, [0, 1]) for k in range(3)}, settings)
     assert time.perf_counter() - t0 >= 0.06  # 3 steps x 0.02 s
     lengths = {len(v) for v in got.values()}  # every step got the same rounds (+-1)
     assert max(lengths) - min(lengths) <= 1
@@ -251,7 +251,7 @@ def _check_row(r: Row, batch: int) -> None:
 
 def test_unavailable_backends_are_skipped_with_the_reason(report):
     for backend in ("onnxrt-cuda", "tensorrt"):
-        reason = backend_reason(backend, "cpu")
+        reason = runner_availability(backend, "cpu")[1]
         if not reason:
             pytest.skip(f"{backend} is available here")
         rows = [r for r in report.rows if r.backend == backend]
@@ -384,7 +384,6 @@ def test_ort_sessions_taking_turns_do_not_spin(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from mame_export.profile import prepare_ort
     from mame_export.runners import OrtRunner
 
     x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 2])
@@ -393,11 +392,13 @@ def test_ort_sessions_taking_turns_do_not_spin(tmp_path):
     path = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
 
-    prepared = prepare_ort(path, [np.ones((1, 2), np.float32), -np.ones((1, 2), np.float32)],
-                           "cpu", threads=1)
-    opts = prepared.hold.session.get_session_options()
+    runner = make_runner("onnxrt", onnx_path=path, threads=1, spinning=False)
+    step = runner.prepare_timing([{"pixels": np.ones((1, 2), np.float32)},
+                                  {"pixels": -np.ones((1, 2), np.float32)}])
+    opts = step.hold.session.get_session_options()
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert np.array_equal(prepared.step(prepared.inputs[1])[0], np.zeros((1, 2), np.float32))
+    assert np.array_equal(step.run(step.inputs[1])[0], np.zeros((1, 2), np.float32))
+    runner.deactivate()
 
     alone = OrtRunner(path, "cpu", threads=1)
     alone.activate()

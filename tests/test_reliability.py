@@ -58,7 +58,7 @@ def pair_is_consistent(folder: Path) -> bool:
     sidecars = sorted(p.stem for p in folder.glob("*.json"))
     if graphs != sidecars:
         return False
-    from mame_export.export import sha256_file
+    from mame_export.artifacts import sha256_file
 
     return all(json.loads((folder / f"{s}.json").read_text())["onnx_sha256"]
                == sha256_file(folder / f"{s}.onnx") for s in graphs)
@@ -120,8 +120,8 @@ def test_1_parity_accepts_the_graphs_own_sidecar(tiny) -> None:
 
 
 def test_2_names_differ_per_setting() -> None:
+    from mame_export.families import resolve
     from mame_export.job import ExportRequest, graph_stem
-    from mame_export.models import resolve
 
     spec = resolve("vit_t")
     base = dict(model="vit_t", batch=1)
@@ -268,7 +268,7 @@ def test_4_a_later_run_removes_stale_temporary_folders(tmp_path) -> None:
 
 
 def test_4_stale_parity_folders_in_tmp_are_removed(tmp_path) -> None:
-    from mame_export.export import clean_stale_dirs
+    from mame_export.artifacts import clean_stale_dirs
 
     old = time.time() - 2 * 3600
     stale = tmp_path / "mame-parity-4194305-xyz"
@@ -403,7 +403,7 @@ def test_7_8_opsets_outside_the_tested_range_are_refused(tmp_path, opset) -> Non
 
 
 def _advertised_opsets() -> list[int]:
-    from mame_export.job import OPSETS
+    from mame_export.request import OPSETS
 
     return list(range(OPSETS[0], OPSETS[1] + 1))
 
@@ -490,7 +490,7 @@ def umask_022():
 
 
 def test_11_files_follow_the_umask(tmp_path, umask_022) -> None:
-    from mame_export.export import atomic_write_text
+    from mame_export.artifacts import atomic_write_text
 
     f = tmp_path / "meta.json"
     f.write_text("{}")

@@ -15,8 +15,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from mame_export.artifacts import sha256_file
 from mame_export.errors import UserError
-from mame_export.export import sha256_file
+from mame_export.graph import graph_inputs
 from mame_export.trt import detect, engine, support
 from mame_export.trt.engine import (
     EngineBuildError,
@@ -26,7 +27,6 @@ from mame_export.trt.engine import (
     build_engine,
     engine_cache_key,
     engine_path,
-    graph_inputs,
     resolve_profile,
     sidecar_path,
 )

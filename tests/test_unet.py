@@ -18,7 +18,8 @@ pytest.importorskip("diffusers")
 
 import mame_export  # noqa: E402
 from mame_export.errors import CheckpointError  # noqa: E402
-from mame_export.models_sd import (  # noqa: E402
+from mame_export.families.sd_unet import patch as du  # noqa: E402
+from mame_export.families.sd_unet.model import (  # noqa: E402
     INPUT_NAMES,
     OUTPUT_NAMES,
     SD21_UNET_CONFIG,
@@ -30,7 +31,6 @@ from mame_export.models_sd import (  # noqa: E402
     unet_example_inputs,
 )
 from mame_export.ops.grid import dither_order, grid_partition  # noqa: E402
-from mame_export.patch import diffusers_unet as du  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -310,7 +310,7 @@ def test_onnxruntime_matches_eager(exported):
         assert np.abs(got["out_sample"] - want).max() < 1e-4
 
 
-# ----------------------------------------------------------------------------- models_sd
+# ------------------------------------------------------------------ families.sd_unet.model
 
 
 def test_io_spec_shapes():

@@ -48,12 +48,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mame_export import evaluate as ev  # noqa: E402
-from mame_export.export import atomic_write_text  # noqa: E402
-from mame_export.job import versions  # noqa: E402
-from mame_export.models import load_checkpoint  # noqa: E402
+from mame_export.artifacts import atomic_write_text  # noqa: E402
+from mame_export.checkpoints import load_checkpoint  # noqa: E402
+from mame_export.families.timm_vit import patch as timm_vit  # noqa: E402
 from mame_export.ops import mame as ops  # noqa: E402
-from mame_export.patch import solve_r, timm_vit  # noqa: E402
+from mame_export.patch import solve_r  # noqa: E402
 from mame_export.profile import cpu_name  # noqa: E402
+from mame_export.sidecar import versions  # noqa: E402
 
 MODEL = "vit_small_patch14_dinov2"
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",

@@ -27,8 +27,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -42,38 +40,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mame_export  # noqa: E402
+from mame_export.artifacts import atomic_write_text  # noqa: E402
 from mame_export.ops import mame_step  # noqa: E402
+from mame_export.profile import TimingSettings, measure_interleaved, results_header  # noqa: E402
+from mame_export.runners import TimedStep  # noqa: E402
 
 MODEL = "vit_base_patch16_224"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_ms(
     fns: dict[str, Callable[[], object]], warmup: int, repeats: int
 ) -> dict[str, list[float]]:
-    """Wall-clock milliseconds per run of each function, after ``warmup`` runs.
-
-    The functions take turns (round-robin), so a load change on a shared machine
-    hits every variant alike instead of whichever happened to run at the time.
-    """
-    out: dict[str, list[float]] = {name: [] for name in fns}
+    """Wall-clock milliseconds per run of each function, after ``warmup`` runs, from the
+    project's interleaved timer (the functions take turns, so a load change on a shared
+    machine hits every variant alike instead of whichever happened to run at the time)."""
+    settings = TimingSettings(warmup_iters=warmup, warmup_s=0.0, min_iters=repeats,
+                              max_iters=repeats, budget_s=0.0, input_sets=2)
+    steps = {name: TimedStep(run=lambda _, fn=fn: fn(), inputs=[None]) for name, fn in fns.items()}
     with torch.inference_mode():
-        for i in range(warmup + repeats):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                if i >= warmup:
-                    out[name].append((time.perf_counter() - t0) * 1e3)
-    return out
+        got = measure_interleaved(steps, settings)
+    failed = {k: v for k, v in got.items() if isinstance(v, Exception)}
+    if failed:
+        raise next(iter(failed.values()))
+    return {k: [float(t) for t in v] for k, v in got.items()}  # type: ignore[union-attr]
 
 
 def summary(samples: list[float]) -> dict[str, float | list[float]]:
@@ -217,17 +206,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/merge_step_cpu.json")
     args = ap.parse_args()
 
-    import timm
-
     t0 = time.perf_counter()
     res: dict = {
-        "command": "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "cpu": cpu_name(),
-        "platform_processor": platform.processor(),
-        "threads": torch.get_num_threads(),
-        "load_average_before": os.getloadavg(),
+        **results_header(),  # its load_avg is the load before the run
         "r": args.r,
         "batch": args.batch,
         "depth": args.depth,
@@ -240,9 +221,7 @@ def main() -> int:
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
     print_table(res)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(res, indent=2) + "\n")
     print(f"\nwrote {args.out} ({res['wall_seconds']} s)")
     return 0
 

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from mame_export import apply
+from mame_export.artifacts import atomic_write_text
 from mame_export.audit import op_census
-from mame_export.job import versions
-from mame_export.models import build_model, resolve
+from mame_export.families import build_model, resolve
+from mame_export.profile import TimingSettings, measure_interleaved, results_header
+from mame_export.runners.factory import make_runner
 
 
 def export(model: torch.nn.Module, x: torch.Tensor, path: Path, optimize: bool) -> None:
@@ -46,44 +45,40 @@ def main() -> None:
     apply(model, args.r)
     x = torch.randn(args.batch, 3, spec.img_size, spec.img_size)
     rows = {}
-    sessions = {}
+    runners = {}
     with tempfile.TemporaryDirectory() as tmp:
         for optimize in (False, True):
             path = Path(tmp) / f"opt{int(optimize)}.onnx"
             export(model, x, path, optimize)
-            g = onnx.load(str(path))
-            census = op_census(g)
+            census = op_census(onnx.load(str(path)))
             rows[optimize] = {"nodes": sum(census.values()), "bytes": path.stat().st_size,
                               "census": census, "times_ms": []}
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = torch.get_num_threads()
-            sessions[optimize] = ort.InferenceSession(str(path), opts,
-                                                      providers=["CPUExecutionProvider"])
+            # the two sessions take turns on the same cores: idle ones must not spin
+            runners[optimize] = make_runner("onnxrt", onnx_path=path, spinning=False,
+                                            threads=torch.get_num_threads())
         rng = np.random.default_rng(0)
-        inputs = [rng.standard_normal(x.shape, dtype=np.float32) for _ in range(4)]
-        for s in sessions.values():
-            for inp in inputs:
-                s.run(None, {"pixels": inp})
-        for i in range(args.rounds):  # interleaved, so machine noise hits both alike
-            for optimize, s in sessions.items():
-                t0 = time.perf_counter()
-                s.run(None, {"pixels": inputs[i % len(inputs)]})
-                rows[optimize]["times_ms"].append((time.perf_counter() - t0) * 1e3)
+        feeds = [{"pixels": rng.standard_normal(x.shape, dtype=np.float32)} for _ in range(4)]
+        settings = TimingSettings(warmup_iters=len(feeds), warmup_s=0.0, min_iters=args.rounds,
+                                  max_iters=args.rounds, budget_s=0.0, input_sets=len(feeds))
+        times = measure_interleaved({k: r.prepare_timing(feeds) for k, r in runners.items()},
+                                    settings)  # in turns, so machine noise hits both alike
+        for optimize, r in runners.items():
+            r.deactivate()
+            got = times[optimize]
+            if isinstance(got, Exception):
+                raise got
+            rows[optimize]["times_ms"] = [float(t) for t in got]
+    name = {False: "plain", True: "optimized"}
     result = {
-        "command": "python tools/bench_simplify.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "versions": versions(),
-        "raw": {("optimized" if k else "plain"): v for k, v in rows.items()},
-        "median_ms": {("optimized" if k else "plain"): statistics.median(v["times_ms"])
-                      for k, v in rows.items()},
+        **results_header(),
+        "raw": {name[k]: v for k, v in rows.items()},
+        "median_ms": {name[k]: statistics.median(v["times_ms"]) for k, v in rows.items()},
     }
     result["nodes"] = {k: v["nodes"] for k, v in result["raw"].items()}
     result["latency_ratio_optimized_over_plain"] = (
         result["median_ms"]["optimized"] / result["median_ms"]["plain"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("nodes", "median_ms",
                                              "latency_ratio_optimized_over_plain")}, indent=2))
 

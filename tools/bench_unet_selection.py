@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -35,8 +33,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mame_export.export import atomic_write_text  # noqa: E402
-from mame_export.job import versions  # noqa: E402
+from mame_export.artifacts import atomic_write_text  # noqa: E402
 from mame_export.ops import (  # noqa: E402
     mame_merge,
     mame_step,
@@ -45,7 +42,8 @@ from mame_export.ops import (  # noqa: E402
     mare_restore_partition,
 )
 from mame_export.ops.grid import grid_partition  # noqa: E402
-from mame_export.profile import Prepared, TimingSettings, cpu_name, measure_interleaved  # noqa: E402
+from mame_export.profile import TimingSettings, measure_interleaved, results_header  # noqa: E402
+from mame_export.runners import TimedStep  # noqa: E402
 
 
 def main() -> int:
@@ -88,12 +86,10 @@ def main() -> int:
     settings = TimingSettings(warmup_iters=2, warmup_s=0.0, min_iters=5, max_iters=200,
                               budget_s=args.seconds, input_sets=2)
     with torch.inference_mode():
-        prepared = {k: Prepared(step=f, inputs=inputs) for k, f in steps.items()}
-        times = measure_interleaved(prepared, settings)
+        timed = {k: TimedStep(run=f, inputs=inputs) for k, f in steps.items()}  # CPU clock
+        times = measure_interleaved(timed, settings)
     result: dict[str, object] = {
-        "command": shlex.join(["python", "tools/bench_unet_selection.py", *sys.argv[1:]]),
-        "cpu": cpu_name(), "threads": args.threads, "load_avg": os.getloadavg(),
-        "versions": versions(),
+        **results_header(threads=args.threads),
         "shape": {"batch": b, "tokens": n, "channels": c, "kept": n_keep, "r": args.r},
         "ms": {}, "median_ms": {},
     }

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from mame_export import apply
+from mame_export.artifacts import atomic_write_text
 from mame_export.export import export_onnx, reduced_precision_copy
-from mame_export.job import versions
-from mame_export.models import build_model, resolve
+from mame_export.families import build_model, resolve
 from mame_export.parity import TOLERANCES, compare_outputs
-from mame_export.runners import OrtRunner
+from mame_export.profile import results_header
+from mame_export.runners.factory import make_runner
 
 
 def main() -> None:
@@ -42,13 +43,12 @@ def main() -> None:
             half = reduced_precision_copy(model, torch.float16, fp32_norms=fp32_norms)
             path = Path(tmp) / f"norms{int(fp32_norms)}.onnx"
             export_onnx(half, (x.half(),), path)
-            out = OrtRunner(path).infer({"pixels": x.numpy()})["logits"]
+            with make_runner("onnxrt", onnx_path=path) as runner:
+                out = runner.infer({"pixels": x.numpy()})["logits"]
             stats = compare_outputs("logits", ref, out, TOLERANCES["fp16"])
             results["layernorm_fp32" if fp32_norms else "layernorm_fp16"] = vars(stats)
-    report = {"command": f"python tools/compare_fp16_choices.py --model {args.model} "
-                         f"--r {args.r} --batch {args.batch}",
-              "weights": source, "versions": versions(), "results": results}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    report = {**results_header(), "weights": source, "results": results}
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -29,20 +27,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mame_export.export import atomic_write_text  # noqa: E402
-from mame_export.models import build_model, resolve  # noqa: E402
+from mame_export.artifacts import atomic_write_text  # noqa: E402
+from mame_export.families import build_model, resolve  # noqa: E402
 from mame_export.profile import (  # noqa: E402
     TimingSettings,
     build_variant,
-    cpu_name,
     export_variant,
     forbidden_census,
     image_shape,
     measure_interleaved,
-    prepare_ort,
+    results_header,
+    summarize,
     unpatched_macs,
-    versions,
 )
+from mame_export.runners.factory import make_runner  # noqa: E402
 
 
 def main() -> int:
@@ -80,19 +78,24 @@ def main() -> int:
         graphs[name] = Path(path)
         info[name] = {"path": path, "forbidden_ops": forbidden_census(Path(path))}
     rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal((args.batch, *shape), dtype=np.float32) for _ in range(4)]
-    prepared = {name: prepare_ort(p, arrays, "cpu", args.threads) for name, p in graphs.items()}
+    feeds = [{"pixels": rng.standard_normal((args.batch, *shape), dtype=np.float32)}
+             for _ in range(4)]
+    # The sessions take turns on the same cores: idle ones must not spin.
+    runners = {name: make_runner("onnxrt", onnx_path=p, threads=args.threads, spinning=False)
+               for name, p in graphs.items()}
+    steps = {name: r.prepare_timing(feeds) for name, r in runners.items()}
     settings = TimingSettings(warmup_iters=5, min_iters=args.min_iters, budget_s=args.seconds)
-    times = measure_interleaved(prepared, settings)
-    medians = {k: float(np.median(v)) for k, v in times.items() if not isinstance(v, Exception)}
+    times = measure_interleaved(steps, settings)
+    for r in runners.values():
+        r.deactivate()
+    stats = {k: summarize(v) for k, v in times.items() if not isinstance(v, Exception)}
+    medians = {k: s.median_ms for k, s in stats.items()}
     result = {
-        "command": shlex.join(["python", "tools/compare_graphs_ort.py", *sys.argv[1:]]),
-        "model": spec.alias, "r": args.r, "batch": args.batch, "cpu": cpu_name(),
-        "threads": args.threads, "load_avg": os.getloadavg(), "versions": versions(),
+        **results_header(threads=args.threads),
+        "model": spec.alias, "r": args.r, "batch": args.batch,
         "graphs": info,
         "median_ms": {k: round(v, 3) for k, v in medians.items()},
-        "p90_ms": {k: round(float(np.percentile(v, 90)), 3) for k, v in times.items()
-                   if not isinstance(v, Exception)},
+        "p90_ms": {k: round(s.p90_ms, 3) for k, s in stats.items()},
         "speedup_vs_baseline": {k: round(medians["baseline"] / v, 4)
                                 for k, v in medians.items()} if "baseline" in medians else {},
         "errors": {k: str(v) for k, v in times.items() if isinstance(v, Exception)},

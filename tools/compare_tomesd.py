@@ -54,10 +54,9 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd_generate_compare import patched  # noqa: E402
 
+from mame_export.artifacts import atomic_write_text  # noqa: E402
 from mame_export.audit import forbidden_ops, op_census  # noqa: E402
-from mame_export.export import atomic_write_text  # noqa: E402
-from mame_export.job import versions  # noqa: E402
-from mame_export.models_sd import (  # noqa: E402
+from mame_export.families.sd_unet.model import (  # noqa: E402
     INPUT_NAMES,
     OUTPUT_NAMES,
     TINY_UNET_CONFIG,
@@ -68,6 +67,7 @@ from mame_export.models_sd import (  # noqa: E402
     unet_example_inputs,
 )
 from mame_export.profile import cpu_name  # noqa: E402
+from mame_export.sidecar import versions  # noqa: E402
 
 DEFAULT_OUT = Path("benchmarks/results/sd_unet_tomesd_cpu.json")
 
@@ -217,7 +217,7 @@ def drift_and_latency(args: argparse.Namespace) -> dict[str, Any]:
         row["vs_baseline"] = round(row["median_s"] / base, 3)
         print(f"  latency {key:>12}: {row['median_s']:.2f} s ({row['vs_baseline']:.3f}x)",
               flush=True)
-    from mame_export.patch.diffusers_unet import blocks_up_to_downsample, build_plan
+    from mame_export.families.sd_unet.patch import blocks_up_to_downsample, build_plan
 
     plans = {
         f"r={r:g} max_downsample={md}": round(

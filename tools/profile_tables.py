@@ -16,9 +16,10 @@ time) can be run in parts that add up to one table:
 devices. Ratios are only ever taken inside one group, which one part times whole.
 
 Writes raw JSON, a PNG and a markdown page (command, device, versions, the
-summary against the FLOPs-ideal and ToMe, and every row), and prints the
-markdown. Run the real presets on a quiet machine: timings taken while other
-work shares the CPU are not worth publishing.
+summary against the FLOPs-ideal and ToMe, and every row, as
+``mame_export.profile.report`` lays it out), and prints the markdown. Run the real
+presets on a quiet machine: timings taken while other work shares the CPU are not
+worth publishing.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 try:
     import mame_export  # noqa: F401
@@ -39,13 +39,15 @@ except ImportError:  # running from a checkout without installing
 
 import torch
 
-from mame_export.export import atomic_write_text
-from mame_export.models import build_model, resolve
+from mame_export.artifacts import atomic_write_text
+from mame_export.families import build_model, resolve
 from mame_export.profile import (
     QUICK,
     TimingSettings,
+    check_appendable,
     device_name,
-    format_markdown,
+    markdown_page,
+    merge_results,
     plot,
     profile,
     stderr_log,
@@ -80,103 +82,6 @@ PRESETS = {
     ),
     "quick": Preset("quick", ("vit_t",), (1,), (0.5,), ("torch", "onnxrt"), "cpu", "fp32", QUICK),
 }
-
-
-def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (model, backend, batch, r): MaMe and ToMe speed-ups, FLOPs-ideal, MaMe / ToMe."""
-    out = []
-    index = {(r["model"], r["backend"], r["batch"], r["variant"], r["r"]): r for r in rows}
-    for r in rows:
-        if r["variant"] != "mame":
-            continue
-        tome = index.get((r["model"], r["backend"], r["batch"], "tome", r["r"]), {})
-        mame_ms, tome_ms = r.get("median_ms"), tome.get("median_ms")
-        out.append({
-            "model": r["model"], "backend": r["backend"], "batch": r["batch"], "r": r["r"],
-            "mame_speedup": r.get("speedup"), "mame_ideal": r.get("ideal_speedup"),
-            "mame_efficiency": r.get("efficiency"), "tome_speedup": tome.get("speedup"),
-            "tome_ideal": tome.get("ideal_speedup"),
-            "mame_over_tome": tome_ms / mame_ms if mame_ms and tome_ms else None,
-            "note": r.get("skipped") or tome.get("skipped") or "",
-        })
-    return out
-
-
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def summary_markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("model", "backend", "batch", "r", "MaMe speed-up", "FLOPs-ideal", "MaMe efficiency",
-            "ToMe speed-up", "ToMe ideal", "MaMe vs ToMe", "note")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in summary_rows(rows):
-        cells = [s["model"], s["backend"], str(s["batch"]), f"{s['r']:g}",
-                 _fmt(s["mame_speedup"], ".2f"), _fmt(s["mame_ideal"], ".2f"),
-                 _fmt(s["mame_efficiency"], ".0%"), _fmt(s["tome_speedup"], ".2f"),
-                 _fmt(s["tome_ideal"], ".2f"), _fmt(s["mame_over_tome"], ".2f"),
-                 s["note"].replace("|", "/")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def markdown_page(result: dict[str, Any]) -> str:
-    v = result["versions"]
-    exports = sorted({
-        (r["model"], r["variant"], json.dumps(r["forbidden_ops"], sort_keys=True))
-        for r in result["results"] if r.get("exports") and r["variant"] != "baseline"
-    })
-    commands = result.get("commands") or [result["command"]]
-    lines = [
-        f"# Latency: baseline vs MaMe vs ToMe ({result['preset']})",
-        "",
-        *(f"- command: `{c}`" for c in commands),
-        f"- device: {result['device']}; CPU: {result['cpu']}; threads: {result['threads']}",
-        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-        f"- timing: {json.dumps(result['timing'])}",
-        "- weights: random (latency does not depend on weight values)",
-        "",
-        "Speed-ups are against the unpatched model on the same backend and batch, in the same "
-        "run. FLOPs-ideal = 1 / MACs ratio; efficiency = speed-up / FLOPs-ideal; "
-        "MaMe vs ToMe = ToMe latency / MaMe latency (> 1: MaMe is faster).",
-        "",
-        "## Summary",
-        "",
-        summary_markdown(result["results"]),
-        "",
-    ]
-    if exports:
-        lines += ["## Forbidden ops in the exported graphs", ""]
-        lines += [f"- {m} {var}: {ops if ops != '{}' else 'none (static graph)'}"
-                  for m, var, ops in exports] + [""]
-    lines += ["## All rows", "", format_markdown(result["results"]), ""]
-    return "\n".join(lines)
-
-
-def group_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return row["model"], row["backend"], row["batch"], row.get("precision")
-
-
-def check_appendable(old: dict[str, Any], preset: str, device: str) -> None:
-    """ValueError unless ``old`` holds results of the same preset on the same device."""
-    for key, want in (("preset", preset), ("device", device)):
-        if old.get(key) != want:
-            raise ValueError(f"the existing results are for {key} {old.get(key)!r}, this run "
-                             f"for {want!r}; use another --out")
-
-
-def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``new`` plus the rows of ``old`` whose (model, backend, batch, precision) group
-    ``new`` does not measure; refuses results from another preset or device."""
-    check_appendable(old, new["preset"], new["device"])
-    measured = {group_key(r) for r in new["results"]}
-    kept = [r for r in old["results"] if group_key(r) not in measured]
-    merged = dict(new)
-    merged["commands"] = [c for c in old.get("commands") or [old["command"]]
-                          if c != new["command"]] + [new["command"]]
-    merged["runs"] = list(old.get("runs", [])) + list(new.get("runs", []))
-    merged["results"] = kept + new["results"]
-    return merged
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 
 import mame_export
+from mame_export.artifacts import atomic_write_text
 from mame_export.audit import audit
-from mame_export.export import atomic_write_text, export_onnx
-from mame_export.job import versions
-from mame_export.models_sd import (
+from mame_export.export import export_onnx
+from mame_export.families.sd_unet import patch as diffusers_unet
+from mame_export.families.sd_unet.model import (
     INPUT_NAMES,
     OUTPUT_NAMES,
     UNetExportWrapper,
@@ -49,8 +50,9 @@ from mame_export.models_sd import (
     sd21_example_inputs,
 )
 from mame_export.parity import TOLERANCES, compare_outputs
-from mame_export.patch import DEFAULT_TAU, diffusers_unet
+from mame_export.patch import DEFAULT_TAU
 from mame_export.profile import cpu_name
+from mame_export.sidecar import versions
 
 DEFAULT_OUT = Path("benchmarks/results/sd21_unet_export_cpu.json")
 

@@ -88,7 +88,7 @@ def patched(
             tomesd.remove_patch(unet)
         return
     import mame_export
-    from mame_export.patch.diffusers_unet import blocks_up_to_downsample, remove
+    from mame_export.families.sd_unet.patch import blocks_up_to_downsample, remove
 
     layers = blocks_up_to_downsample(unet, max_downsample)
     mame_export.apply(unet, r, tau=tau, layers=layers)

@@ -22,7 +22,6 @@ reads them and changes nothing.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,15 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mame_export.patch import timm_vit
-from mame_export.patch.timm_vit import (
-    SizedAttention,
-    head_with_sizes,
-    log_size_bias,
-    merge_unprotected,
-    no_extra_args,
-)
-from mame_export.plan import BlockPlan, MergePlan, check_ratio
+from mame_export.families.swap import swap
+from mame_export.families.timm_vit import patch as timm_vit
+from mame_export.families.timm_vit.patch import SizedAttention, head_with_sizes, no_extra_args
+from mame_export.families.tokens import log_size_bias, merge_unprotected
+from mame_export.plan import BlockPlan, BlockSettings, MergePlan, check_ratio
 
 FAMILY = "tome"
 _PREFIX = "ToMe"
@@ -122,17 +117,15 @@ def merge_wavg(
 class _ToMeBlock:
     """Mixin for timm ``Block``: attention, then ToMe (if this block merges), then the MLP."""
 
-    _tome_remove: int  # tokens this block merges away; fixed at apply time
-    _tome_protected: int
-    _tome_prop_attn: bool
+    _block_settings: BlockSettings  # .remove: tokens this block merges away
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, size: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bias = log_size_bias(size, x.dtype) if self._tome_prop_attn else None
+        bias = log_size_bias(size, x.dtype) if self._block_settings.prop_attn else None
         attn_out, metric = self.attn(self.norm1(x), bias)
         x = x + self.drop_path1(self.ls1(attn_out))
-        if self._tome_remove > 0:
+        if self._block_settings.remove > 0:
             x, size = self._merge(x, size, metric)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, size
@@ -143,9 +136,10 @@ class _ToMeBlock:
         def step(
             x_m: torch.Tensor, k_m: torch.Tensor, s_m: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor]:
-            return merge_wavg(bipartite_soft_matching(k_m, self._tome_remove), x_m, s_m)
+            return merge_wavg(bipartite_soft_matching(k_m, s.remove), x_m, s_m)
 
-        return merge_unprotected(x, size, metric, self._tome_protected, step)
+        s = self._block_settings
+        return merge_unprotected(x, size, metric, s.protected, step)
 
 
 class _ToMeVisionTransformer:
@@ -181,18 +175,6 @@ class _ToMeVisionTransformer:
         no_extra_args(args, kwargs, "ToMe")
         x, size = self._tome_features(x)
         return self.forward_head(x, size=size)
-
-
-@functools.cache
-def _subclass(mixin: type, base: type) -> type:
-    return type(f"{_PREFIX}{base.__name__}", (mixin, base), {})
-
-
-def _unpatched_class(module: nn.Module) -> type:
-    cls = type(module)
-    if cls.__name__.startswith(_PREFIX) and len(cls.__bases__) == 2:
-        return cls.__bases__[1]
-    return cls
 
 
 def _removal_schedule(
@@ -294,12 +276,11 @@ def apply_tome(
                "data-dependent (argsort, gather, scatter_reduce); tau is unused",),
     )
     for blk, bp in zip(model.blocks, plan.blocks, strict=True):
-        blk.__class__ = _subclass(_ToMeBlock, _unpatched_class(blk))
-        blk.attn.__class__ = _subclass(SizedAttention, _unpatched_class(blk.attn))
-        blk._tome_remove = bp.tokens_in - bp.tokens_out
-        blk._tome_protected = model.num_prefix_tokens
-        blk._tome_prop_attn = prop_attn
-    model.__class__ = _subclass(_ToMeVisionTransformer, _unpatched_class(model))
+        swap(blk, _ToMeBlock, _PREFIX, BlockSettings(
+            merges=bp.merges, prop_attn=prop_attn, protected=model.num_prefix_tokens,
+            remove=bp.tokens_in - bp.tokens_out))
+        swap(blk.attn, SizedAttention, _PREFIX)
+    swap(model, _ToMeVisionTransformer, _PREFIX)
     model._tome_plan = plan
     return model
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the job module imports torch: it loads when a command runs
-    from mame_export.job import ExportRequest
+    from mame_export.request import ExportRequest
 
 _LAYER_PART = re.compile(r"(\d+)(?:-(\d+))?")
 
@@ -59,6 +59,9 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
     p.add_argument("--weights", default="auto",
                    help="auto (hub or its cache, else random with a warning), random, "
                         "or a checkpoint PATH (.safetensors, .pth, .pt)")
+    p.add_argument("--llava", action="store_true",
+                   help="LLaVA's encoder output: the second-to-last layer's hidden states "
+                        "without the class token, and their token sizes (clip_l336)")
     if with_export:
         g = p.add_mutually_exclusive_group()
         g.add_argument("--batch", type=int, default=None,
@@ -93,13 +96,13 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
 
 
 def request_from_args(args: argparse.Namespace, export: bool = True) -> ExportRequest:
-    from mame_export.job import ExportRequest
+    from mame_export.request import ExportRequest
 
     req = ExportRequest(
         model=args.model, r=args.r, target_macs=args.target_macs, tau=args.tau,
         layers=args.layers, prop_attn=args.prop_attn,
         mode=args.mode,
-        img_size=args.img_size, weights=args.weights,
+        img_size=args.img_size, weights=args.weights, llava=args.llava,
         batch=getattr(args, "batch", None),
         dynamic_batch=getattr(args, "dynamic_batch", False),
         precision=getattr(args, "precision", "fp32"), opset=getattr(args, "opset", 18),
@@ -117,3 +120,32 @@ def request_from_args(args: argparse.Namespace, export: bool = True) -> ExportRe
         req.engines_dir = args.engines
     req.validate(export=export)
     return req
+
+
+def float_list(text: str) -> list[float]:
+    """'0.25,0.5' -> [0.25, 0.5] (an option of several numbers)."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.25,0.5; got {text!r}") from None
+
+
+def int_list(text: str) -> list[int]:
+    """'1,8' -> [1, 8]."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,8; got {text!r}") from None
+
+
+def name_list(text: str) -> list[str]:
+    """'torch, onnxrt' -> ['torch', 'onnxrt']."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_model_command(sub: argparse._SubParsersAction, name: str, summary: str,
+                      description: str, model_help: str) -> argparse.ArgumentParser:
+    """A subcommand whose first argument is a MODEL alias (eval, profile)."""
+    p = sub.add_parser(name, help=summary, description=description)
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    return p

@@ -7,29 +7,27 @@ import shlex
 import sys
 from pathlib import Path
 
-from mame_export.cli.common import parse_layers
-from mame_export.cli.profile import _floats
+from mame_export.cli.common import add_model_command, float_list, parse_layers
 from mame_export.errors import UserError
+
+DESCRIPTION = (
+    "Runs the unmerged model, MaMe at each r and ToMe with the same tokens per block over the "
+    "same images (the model's own preprocessing). Reports top-1/top-5 for labelled class "
+    "folders, agreement with the unmerged top-1, the mean cosine of outputs and pre-logit "
+    "features to the unmerged model, and the MACs ratio. Class sub-folders with integer names "
+    "are those class indices; other names map to indices in sorted order.")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="accuracy and fidelity of the unmerged model, MaMe and ToMe on a folder of images",
-        description="Runs the unmerged model, MaMe at each r and ToMe with the same tokens per "
-        "block over the same images (the model's own preprocessing). Reports top-1/top-5 for "
-        "labelled class folders, agreement with the unmerged top-1, the mean cosine of outputs "
-        "and pre-logit features to the unmerged model, and the MACs ratio. Class sub-folders "
-        "with integer names are those class indices; other names map to indices in sorted "
-        "order.",
-    )
-    p.add_argument("model", metavar="MODEL", help="alias (vit_b, deit_s, ...) or a timm name")
+    p = add_model_command(
+        sub, "eval", "accuracy and fidelity of the unmerged model, MaMe and ToMe on a folder of "
+        "images", DESCRIPTION, model_help="alias (vit_b, deit_s, ...) or a timm name")
     p.add_argument("--data", type=Path, required=True, metavar="DIR",
                    help="an ImageFolder (class sub-folders) or a flat folder of images")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--r", type=_floats, default=None, metavar="R[,R...]",
+    g.add_argument("--r", type=float_list, default=None, metavar="R[,R...]",
                    help="MaMe ratios in [0, 1), comma-separated (default 0.5)")
-    g.add_argument("--target-macs", type=_floats, default=None, metavar="RATIO[,RATIO...]",
+    g.add_argument("--target-macs", type=float_list, default=None, metavar="RATIO[,RATIO...]",
                    help="MACs ratios (merged / unmerged) to solve r for, e.g. 0.5")
     p.add_argument("--tau", type=float, default=None,
                    help="MaMe tau in [-1, 1] (default 1: each merged token goes to its single "
@@ -64,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mame_export import evaluate as ev
     from mame_export.cli import print_json
-    from mame_export.models import build_model, resolve
+    from mame_export.families import build_model, require, resolve
     from mame_export.patch import solve_r
     from mame_export.plan import check_ratio, check_tau
 
@@ -86,9 +84,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--plot needs matplotlib: pip install 'mame-export[plot]'") from None
     images = ev.find_images(args.data, args.limit)  # bad data fails before any model work
     spec = resolve(args.model)
-    if spec.family != "timm-vit":
-        raise UserError(f"eval supports image classifiers and encoders (timm ViTs); "
-                        f"{spec.alias} is {spec.family}")
+    require(spec, "eval", "eval supports image classifiers and encoders")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, source = build_model(spec, args.weights, args.img_size)
@@ -110,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                                  prop_attn=args.prop_attn, tome=args.tome)
     report = ev.evaluate(variants, images, ev.transform_for(model, args.img_size), args.batch,
                          _log)
-    from mame_export.job import versions
+    from mame_export.sidecar import versions
 
     report = {"model": spec.alias, "source": spec.source_name, "weights": source,
               "data": str(args.data), "command": shlex.join(["mame-export", *sys.argv[1:]]),

@@ -34,9 +34,10 @@ def run(args: argparse.Namespace) -> int:
         report = parity_for_graph(Path(args.model), runners, args.parity_batches, args.seed,
                                   weights=weights)
     else:
-        from mame_export.export import clean_stale_dirs, tmp_prefix
-        from mame_export.job import check_runner_names, run_export
+        from mame_export.artifacts import clean_stale_dirs, tmp_prefix
+        from mame_export.job import run_export
         from mame_export.parity import ParityReport
+        from mame_export.runners.factory import check_runner_names
 
         req = request_from_args(args)
         check_runner_names(runners)

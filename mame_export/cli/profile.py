@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mame_export.cli.common import add_model_command, float_list, int_list, name_list
 from mame_export.errors import UserError
 
 if TYPE_CHECKING:  # mame_export.profile imports torch: it loads when the command runs
@@ -17,42 +18,25 @@ if TYPE_CHECKING:  # mame_export.profile imports torch: it loads when the comman
 DEFAULT_BACKENDS = "torch,onnxrt"
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 0.25,0.5; got {text!r}") from None
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,8; got {text!r}") from None
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+SUMMARY = "latency of the unpatched model, MaMe and ToMe per backend (table, JSON, plot)"
+DESCRIPTION = (
+    "Times the unpatched model (baseline), MaMe at each r and ToMe with the same tokens per "
+    "block, on each backend, in one run. A backend that cannot run here is a row with a skip "
+    "reason.")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "profile",
-        help="latency of the unpatched model, MaMe and ToMe per backend (table, JSON, plot)",
-        description="Times the unpatched model (baseline), MaMe at each r and ToMe with the "
-        "same tokens per block, on each backend, in one run. A backend that cannot run here "
-        "is a row with a skip reason.",
-    )
-    p.add_argument("model", metavar="MODEL", help="alias (vit_t, vit_s, vit_b, ...) or a timm name")
-    p.add_argument("--r", type=_floats, required=True, metavar="R[,R...]",
+    p = add_model_command(sub, "profile", SUMMARY, DESCRIPTION,
+                          model_help="alias (vit_t, vit_s, vit_b, ...) or a timm name")
+    p.add_argument("--r", type=float_list, required=True, metavar="R[,R...]",
                    help="MaMe ratios in [0, 1), comma-separated")
-    p.add_argument("--backends", type=_names, default=_names(DEFAULT_BACKENDS),
+    p.add_argument("--backends", type=name_list, default=name_list(DEFAULT_BACKENDS),
                    metavar="B[,B...]",
                    help="torch, torch-compile, onnxrt, onnxrt-cuda, tensorrt "
                         f"(default {DEFAULT_BACKENDS})")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="device for the torch backends (default cpu)")
-    p.add_argument("--batch", type=_ints, default=[1], metavar="N[,N...]",
+    p.add_argument("--batch", type=int_list, default=[1], metavar="N[,N...]",
                    help="batch sizes (default 1)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--threads", type=int, default=None,
@@ -61,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="random",
                    help="random (default; latency does not depend on weight values), auto, "
                         "or a checkpoint PATH")
-    p.add_argument("--variants", type=_names, default=["baseline", "mame", "tome"],
+    p.add_argument("--variants", type=name_list, default=["baseline", "mame", "tome"],
                    metavar="V[,V...]", help="baseline, mame, tome (default: all)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 5)")
     p.add_argument("--min-iters", type=int, default=None,
@@ -83,7 +67,7 @@ def check_plot_path(path: str) -> None:
     missing): the run takes minutes and its table must not be lost at the end."""
     import importlib.util
 
-    from mame_export.export import check_out_dir
+    from mame_export.artifacts import check_out_dir
 
     p = Path(path)
     if os.path.isdir(p):
@@ -135,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from mame_export.cli import print_json
-    from mame_export.models import build_model, resolve
+    from mame_export.families import build_model, require, resolve
     from mame_export.profile import check_request, format_table, plot, profile
 
     check_request(args.r, args.backends, args.batch, args.precision, args.variants)
@@ -146,8 +130,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         check_plot_path(args.plot)
     spec = resolve(args.model)
-    if spec.family != "timm-vit":
-        raise UserError(f"profile supports image models (timm ViTs); {spec.alias} is {spec.family}")
+    require(spec, "profile", "profile supports image models")
     torch.manual_seed(0)  # the same random weights in every run
     model, source = build_model(spec, args.weights, args.img_size)
     print(f"profiling {spec.alias} ({spec.source_name}, weights: {source})", file=sys.stderr)

@@ -2,16 +2,16 @@
 
 Nothing here imports ``tensorrt`` at module level: the package imports, and its CPU-side logic
 runs, on machines without TensorRT. This ``__init__`` re-exports only the light modules
-(detection, pre-flight: onnx and numpy); import builds from ``mame_export.trt.engine`` and the
+(detection, pre-flight: onnx and numpy; its findings are
+:class:`mame_export.graph.Finding`); import builds from ``mame_export.trt.engine`` and the
 runner from ``mame_export.trt.runner`` (both pull in torch).
 """
 
 from mame_export.trt.detect import INSTALL_HINT, tensorrt_status, tensorrt_version
-from mame_export.trt.support import Finding, support_table_info, trt_preflight
+from mame_export.trt.support import support_table_info, trt_preflight
 
 __all__ = [
     "INSTALL_HINT",
-    "Finding",
     "support_table_info",
     "tensorrt_status",
     "tensorrt_version",

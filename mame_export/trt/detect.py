@@ -41,6 +41,22 @@ def tensorrt_status() -> tuple[ModuleType | None, str]:
     return trt, ""
 
 
+def tensorrt_reason() -> str:
+    """Why TensorRT cannot run here (no usable library, no CUDA device), or "" if it can.
+
+    The one place that decides TensorRT's availability; the engine runners and the
+    runner factory ask it.
+    """
+    trt, reason = tensorrt_status()
+    if trt is None:
+        return reason
+    import torch  # here, not at module level: detection stays light
+
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to PyTorch"
+    return ""
+
+
 def tensorrt_version() -> str | None:
     """The usable TensorRT's version string, or None."""
     trt, _ = tensorrt_status()

@@ -21,16 +21,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import onnx
 import torch
 
-from mame_export.audit import load_graph
+from mame_export.artifacts import atomic_write_bytes, atomic_write_text, ensure_writable_dir
 from mame_export.errors import UserError
-from mame_export.export import (
-    atomic_write_bytes,
-    atomic_write_text,
-    ensure_writable_dir,
-    sha256_file,
+from mame_export.graph import (
+    TensorSpec,
+    graph_inputs,
+    graph_precision,
+    graph_sha256,
+    load_graph,
 )
 from mame_export.trt.detect import tensorrt_status
 
@@ -39,11 +39,6 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 SIDECAR_FORMAT = 1
-_GRAPH_PRECISION = {
-    onnx.TensorProto.FLOAT: "fp32",
-    onnx.TensorProto.FLOAT16: "fp16",
-    onnx.TensorProto.BFLOAT16: "bf16",
-}
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
                "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
 
@@ -117,19 +112,6 @@ def _is_int(value: object) -> bool:
 
 
 @dataclass(frozen=True)
-class GraphInput:
-    """A graph input as declared: dims are ints, names of symbolic dims, or None (unknown)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str | None, ...]
-
-    @property
-    def dynamic_batch(self) -> bool:
-        return bool(self.shape) and not (isinstance(self.shape[0], int) and self.shape[0] > 0)
-
-
-@dataclass(frozen=True)
 class ProfileShape:
     """One input's range in the optimization profile."""
 
@@ -142,21 +124,7 @@ class ProfileShape:
         return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
 
 
-def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
-    """The graph's real inputs (initializers listed as inputs by old exporters excluded)."""
-    weights = {init.name for init in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in weights:
-            continue
-        tt = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                     for d in tt.shape.dim)
-        out.append(GraphInput(vi.name, onnx.TensorProto.DataType.Name(tt.elem_type), dims))
-    return out
-
-
-def resolve_profile(inputs: list[GraphInput], options: EngineOptions) -> list[ProfileShape]:
+def resolve_profile(inputs: list[TensorSpec], options: EngineOptions) -> list[ProfileShape]:
     """The optimization profile for a dynamic-batch graph ([] for a static one).
 
     Only the batch dim (0) may be dynamic. Unset bounds default to: opt = the first of
@@ -188,44 +156,6 @@ def resolve_profile(inputs: list[GraphInput], options: EngineOptions) -> list[Pr
         rest = tuple(int(d) for d in i.shape[1:] if isinstance(d, int))
         profile.append(ProfileShape(i.name, (low, *rest), (opt, *rest), (high, *rest)))
     return profile
-
-
-def graph_precision(model: onnx.ModelProto) -> str:
-    """fp32, fp16 or bf16: the float type holding most weight elements (else of the inputs)."""
-    counts: dict[str, int] = {}
-    for init in model.graph.initializer:
-        if init.data_type in _GRAPH_PRECISION:
-            n = 1
-            for d in init.dims:
-                n *= d
-            key = _GRAPH_PRECISION[init.data_type]
-            counts[key] = counts.get(key, 0) + n
-    if counts:
-        return max(counts, key=lambda k: counts[k])
-    for vi in model.graph.input:
-        if vi.type.tensor_type.elem_type in _GRAPH_PRECISION:
-            return _GRAPH_PRECISION[vi.type.tensor_type.elem_type]
-    return "fp32"
-
-
-def graph_sha256(path: str | os.PathLike[str], model: onnx.ModelProto | None = None) -> str:
-    """sha256 of the graph file; when weights live in side files, of the file and those files."""
-    path = Path(path)
-    model = model if model is not None else onnx.load(str(path), load_external_data=False)
-    side_files = sorted({
-        entry.value
-        for init in model.graph.initializer
-        if init.data_location == onnx.TensorProto.EXTERNAL
-        for entry in init.external_data
-        if entry.key == "location"
-    })
-    digest = sha256_file(path)
-    if not side_files:
-        return digest
-    h = hashlib.sha256(digest.encode())
-    for name in side_files:
-        h.update(f"\n{name}:{sha256_file(path.parent / name)}".encode())
-    return h.hexdigest()
 
 
 def engine_cache_key(graph_sha256: str, options: EngineOptions, trt_version: str,

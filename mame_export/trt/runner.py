@@ -7,7 +7,7 @@ cuda-python is needed. Outputs come back as float32 numpy arrays, like every oth
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from mame_export.errors import UserError
-from mame_export.runners import Runner
-from mame_export.trt.detect import tensorrt_status
+from mame_export.runners.base import Feeds, Runner, TimedStep, cast_input, free_cuda_cache
+from mame_export.trt.detect import tensorrt_reason, tensorrt_version
 from mame_export.trt.engine import TensorRTUnavailable, gpu_name, read_sidecar
 
 if TYPE_CHECKING:
@@ -60,17 +60,15 @@ class TrtRunner(Runner):
         return read_sidecar(self.plan)
 
     def availability(self) -> tuple[bool, str]:
-        trt, reason = tensorrt_status()
-        if trt is None:
+        reason = tensorrt_reason()
+        if reason:
             return False, reason
-        if not torch.cuda.is_available():
-            return False, "no CUDA device visible to PyTorch"
         if not self.plan.is_file():
             return False, f"engine not found: {self.plan}"
         meta = self.metadata
         if meta is not None:
             built = (meta.get("tensorrt_version"), (meta.get("gpu") or {}).get("name"))
-            here = (str(trt.__version__), gpu_name())
+            here = (tensorrt_version(), gpu_name())
             if built != here:
                 return False, (f"{self.plan.name} was built with TensorRT {built[0]} for "
                                f"{built[1]}; this machine has TensorRT {here[0]} on {here[1]}: "
@@ -96,35 +94,69 @@ class TrtRunner(Runner):
         self._context = engine.create_execution_context()
         self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.activate()
-        context, stream = self._context, self._stream
-        assert context is not None and stream is not None
+    def _deactivate(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+        self._context = self._engine = self._runtime = self._stream = None
+        free_cuda_cache()
+
+    def _stage(self, feeds: Feeds) -> dict[str, torch.Tensor]:
+        """The inputs on the GPU in the engine's types, their shapes set on the context."""
+        context = self._context
+        assert context is not None
         missing = [n for n in self._inputs if n not in feeds]
         if missing:
             raise KeyError(f"missing inputs for {self.plan.name}: {missing}")
-        buffers: dict[str, torch.Tensor] = {}  # held until the stream is done with them
-        with torch.cuda.stream(stream):
-            for n in self._inputs:
-                t = torch.from_numpy(np.ascontiguousarray(feeds[n])).to("cuda", self._dtypes[n])
-                if not context.set_input_shape(n, tuple(t.shape)):
-                    raise ValueError(f"input '{n}' of shape {tuple(t.shape)} is outside the "
-                                     f"engine's optimization profile")
-                context.set_tensor_address(n, t.data_ptr())
-                buffers[n] = t
-            for n in self._outputs:
-                dims = context.get_tensor_shape(n)
-                shape = tuple(int(dims[i]) for i in range(len(dims)))
-                if any(d < 0 for d in shape):
-                    raise RuntimeError(f"output '{n}' has a data-dependent shape {shape}; "
-                                       "static graphs only")
-                t = torch.empty(shape, dtype=self._dtypes[n], device="cuda")
-                context.set_tensor_address(n, t.data_ptr())
-                buffers[n] = t
-            if not context.execute_async_v3(stream.cuda_stream):
-                raise RuntimeError(f"TensorRT failed to run {self.plan.name}")
-        stream.synchronize()
+        staged = {n: cast_input(feeds[n], self._dtypes[n], "cuda") for n in self._inputs}
+        for n, t in staged.items():
+            if not context.set_input_shape(n, tuple(t.shape)):
+                raise ValueError(f"input '{n}' of shape {tuple(t.shape)} is outside the "
+                                 f"engine's optimization profile")
+        return staged
+
+    def _outputs_for_shapes(self) -> dict[str, torch.Tensor]:
+        """Output buffers for the input shapes set on the context."""
+        context = self._context
+        assert context is not None
+        out = {}
+        for n in self._outputs:
+            dims = context.get_tensor_shape(n)
+            shape = tuple(int(dims[i]) for i in range(len(dims)))
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"output '{n}' has a data-dependent shape {shape}; "
+                                   "static graphs only")
+            out[n] = torch.empty(shape, dtype=self._dtypes[n], device="cuda")
+        return out
+
+    def _enqueue(self, buffers: dict[str, torch.Tensor]) -> None:
+        context, stream = self._context, self._stream
+        assert context is not None and stream is not None
+        for n, t in buffers.items():
+            context.set_tensor_address(n, t.data_ptr())
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT failed to run {self.plan.name}")
+
+    def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        self.activate()
+        assert self._stream is not None
+        with torch.cuda.stream(self._stream):
+            buffers = self._stage(feeds)  # held until the stream is done with them
+            buffers.update(self._outputs_for_shapes())
+            self._enqueue(buffers)
+        self._stream.synchronize()
         return {n: buffers[n].float().cpu().numpy() for n in self._outputs}
+
+    def _timed_step(self, feeds: Sequence[Feeds]) -> TimedStep:
+        """Inputs and outputs staged on the GPU once; a step only sets addresses and
+        enqueues the engine. Timed by the wall clock up to a sync of the engine's stream."""
+        stream = self._stream
+        assert stream is not None
+        with torch.cuda.stream(stream):
+            staged = [self._stage(f) for f in feeds]  # all sets share one shape
+            outputs = self._outputs_for_shapes()
+        torch.cuda.synchronize()
+        return TimedStep(lambda bufs: self._enqueue({**bufs, **outputs}), staged,
+                         sync=stream.synchronize, hold=outputs)
 
     def sync(self) -> None:
         if self._stream is not None:
@@ -164,12 +196,8 @@ class TrtGraphRunner(Runner):
         self._inner: TrtRunner | None = None
 
     def availability(self) -> tuple[bool, str]:
-        trt, reason = tensorrt_status()
-        if trt is None:
-            return False, reason
-        if not torch.cuda.is_available():
-            return False, "no CUDA device visible to PyTorch"
-        return True, ""
+        reason = tensorrt_reason()
+        return not reason, reason
 
     def _activate(self) -> None:
         from mame_export.trt.engine import build_engine
@@ -182,7 +210,20 @@ class TrtGraphRunner(Runner):
         inner.activate()
         self._inner = inner
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _deactivate(self) -> None:
+        if self._inner is not None:
+            self._inner.deactivate()
+        self._inner = None
+
+    def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
         self.activate()
         assert self._inner is not None
         return self._inner.infer(feeds)
+
+    def _timed_step(self, feeds: Sequence[Feeds]) -> TimedStep:
+        assert self._inner is not None
+        return self._inner.prepare_timing(feeds)
+
+    def sync(self) -> None:
+        if self._inner is not None:
+            self._inner.sync()

@@ -12,15 +12,23 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
+from mame_export.graph import (
+    DEFAULT_DOMAINS,
+    Constants,
+    Finding,
+    FunctionKey,
+    TensorSpec,
+    graph_opset,
+    tensor_types,
+    walk,
+    with_inferred_types,
+)
 
 # ONNX element type -> the names the support table uses.
 _DTYPE_NAMES: dict[int, str] = {
@@ -38,18 +46,6 @@ _DTYPE_NAMES: dict[int, str] = {
 }
 if hasattr(onnx.TensorProto, "FLOAT4E2M1"):
     _DTYPE_NAMES[onnx.TensorProto.FLOAT4E2M1] = "FP4"
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One reason the TensorRT ONNX parser would reject (part of) a graph."""
-
-    op_type: str
-    node: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.op_type} '{self.node}': {self.message}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,124 +68,26 @@ def support_table_info() -> dict[str, Any]:
     }
 
 
-@dataclass
-class _TensorInfo:
-    dtype: int | None = None
-    shape: tuple[int | str | None, ...] | None = None
-
-
-class _GraphFacts:
-    """Dtypes, shapes and constant values of the tensors in a model (all subgraphs included)."""
+class _Facts:
+    """What the checks ask of a node's tensors: types (from shape inference; none inside a
+    function body) and constants, in the scope of the node."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.tensors: dict[str, _TensorInfo] = {}
-        self.initializers: dict[str, onnx.TensorProto] = {}
-        self.constant_nodes: dict[str, onnx.TensorProto | None] = {}
-        self.folded: set[str] = set()
-        for graph in _graphs(model.graph):
-            self._collect(graph)
+        self.types = tensor_types(model)
+        self.constants = Constants(model)
+        self.scope: FunctionKey | None = None
 
-    def _collect(self, graph: onnx.GraphProto) -> None:
-        for vi in [*graph.input, *graph.output, *graph.value_info]:
-            tt = vi.type.tensor_type
-            if not vi.type.HasField("tensor_type"):
-                continue
-            shape = None
-            if tt.HasField("shape"):
-                shape = tuple(d.dim_value if d.HasField("dim_value") else
-                              (d.dim_param or None) for d in tt.shape.dim)
-            self.tensors[vi.name] = _TensorInfo(tt.elem_type or None, shape)
-        for init in graph.initializer:
-            self.initializers[init.name] = init
-            self.tensors[init.name] = _TensorInfo(init.data_type, tuple(init.dims))
-        for node in graph.node:
-            if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
-                value = _constant_value(node)
-                self.constant_nodes[node.output[0]] = value
-                if value is not None:
-                    self.tensors[node.output[0]] = _TensorInfo(value.data_type, tuple(value.dims))
-            elif [i for i in node.input if i] and all(self.is_constant(i) for i in node.input if i):
-                self.folded.update(o for o in node.output if o)
+    def type(self, name: str) -> TensorSpec | None:
+        return self.types.get(name) if self.scope is None else None
 
     def is_initializer(self, name: str) -> bool:
-        """An initializer, or a Constant node's output (the parser imports both as weights)."""
-        return name in self.initializers or name in self.constant_nodes
+        return self.constants.is_initializer(name, self.scope)
 
     def is_constant(self, name: str) -> bool:
-        """Known at build time: an initializer, a Constant, or computed only from those."""
-        return self.is_initializer(name) or name in self.folded
+        return self.constants.is_constant(name, self.scope)
 
     def value(self, name: str) -> np.ndarray | None:
-        """The constant's value, or None when it is not stored in the model proto."""
-        proto = self.initializers.get(name) or self.constant_nodes.get(name)
-        if proto is None or any(e.key == "location" for e in proto.external_data):
-            return None
-        try:
-            return numpy_helper.to_array(proto)
-        except Exception:  # noqa: BLE001 - an unreadable constant is simply not checked
-            return None
-
-
-def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    """A Constant node's value as a tensor (None for sparse or string values)."""
-    for a in node.attribute:
-        if a.name == "value":
-            value: onnx.TensorProto = a.t
-            return value
-        if a.name in ("value_float", "value_floats"):
-            return numpy_helper.from_array(np.asarray(onnx.helper.get_attribute_value(a),
-                                                      dtype=np.float32))
-        if a.name in ("value_int", "value_ints"):
-            return numpy_helper.from_array(np.asarray(onnx.helper.get_attribute_value(a),
-                                                      dtype=np.int64))
-    return None
-
-
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
-
-
-def _nodes(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, bool]]:
-    """(node, typed): every node of the graph, its subgraphs and its model-local functions.
-    ``typed`` is False inside functions, where shape inference gives no dtypes."""
-    functions = {(f.domain, f.name): f for f in model.functions}
-    seen: set[tuple[str, str]] = set()
-
-    def walk(nodes: Iterable[onnx.NodeProto], typed: bool) -> Iterator[tuple[onnx.NodeProto, bool]]:
-        for node in nodes:
-            key = (node.domain, node.op_type)
-            if key in functions:
-                if key not in seen:  # a function body is checked once, not per call
-                    seen.add(key)
-                    yield from walk(functions[key].node, False)
-                continue
-            yield node, typed
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(attr.g.node, typed)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for g in attr.graphs:
-                        yield from walk(g.node, typed)
-
-    yield from walk(model.graph.node, True)
-
-
-def _with_inferred_types(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # noqa: BLE001 - >2 GiB protos or odd graphs: check with declared types
-        return model
-
-
-def _default_opset(model: onnx.ModelProto) -> int | None:
-    return next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), None)
+        return self.constants.value(name, self.scope)
 
 
 def trt_preflight(model: onnx.ModelProto) -> list[Finding]:
@@ -200,26 +98,29 @@ def trt_preflight(model: onnx.ModelProto) -> list[Finding]:
     """
     table = support_table()
     findings: list[Finding] = []
-    opset = _default_opset(model)
+    opset = graph_opset(model)
     low, high = table["opset_range"]
     if opset is not None and not low <= opset <= high:
-        findings.append(Finding("opset", "", f"default-domain opset {opset} is outside "
+        findings.append(Finding("tensorrt", "opset", "", f"default-domain opset {opset} is outside "
                                 f"{low}..{high}, the range TensorRT {table['tensorrt_version']} "
                                 "parses"))
-    facts = _GraphFacts(_with_inferred_types(model))
-    for node, typed in _nodes(model):
-        findings.extend(_check_node(node, typed, table, facts))
+    facts = _Facts(with_inferred_types(model))
+    for site in walk(model):
+        if site.calls is not None or not site.reachable:
+            continue  # the parser imports a function's body where it is called
+        facts.scope = site.function
+        findings.extend(_check_node(site.node, site.typed, table, facts))
     return findings
 
 
 def _check_node(node: onnx.NodeProto, typed: bool, table: Mapping[str, Any],
-                facts: _GraphFacts) -> list[Finding]:
+                facts: _Facts) -> list[Finding]:
     name = node.name or (node.output[0] if node.output else "<unnamed>")
 
     def finding(message: str) -> Finding:
-        return Finding(node.op_type, name, message)
+        return Finding("tensorrt", node.op_type, name, message)
 
-    if node.domain not in _DEFAULT_DOMAINS:
+    if node.domain not in DEFAULT_DOMAINS:
         return [finding(f"custom-domain op '{node.domain}::{node.op_type}' has no importer in "
                         "the TensorRT ONNX parser (it would need a plugin)")]
     entry = table["ops"].get(node.op_type)
@@ -241,16 +142,16 @@ def _positions(names: Iterable[str], chosen: list[int] | None) -> Iterator[tuple
 
 
 def _dtype_messages(node: onnx.NodeProto, entry: Mapping[str, Any],
-                    dtypes: Mapping[str, Any], facts: _GraphFacts) -> Iterator[str]:
+                    dtypes: Mapping[str, Any], facts: _Facts) -> Iterator[str]:
     allowed = set(entry.get("types", []))
     cast_down: Mapping[str, str] = dtypes["cast_down"]
     typed_io = entry.get("typed_io", {})
     for kind, names in (("input", node.input), ("output", node.output)):
         for i, tensor in _positions(names, typed_io.get(f"{kind}s")):
-            info = facts.tensors.get(tensor)
-            if info is None or info.dtype is None:
+            info = facts.type(tensor)
+            if info is None or info.elem_type is None:
                 continue
-            dtype = _DTYPE_NAMES.get(info.dtype, onnx.TensorProto.DataType.Name(info.dtype))
+            dtype = _DTYPE_NAMES.get(info.elem_type, info.dtype)
             if cast_down.get(dtype, dtype) not in allowed:
                 yield (f"{kind} {i} '{tensor}' is {dtype}; TensorRT supports "
                        f"{', '.join(sorted(allowed))} here")
@@ -263,13 +164,13 @@ def _attr(node: onnx.NodeProto, name: str) -> Any:
     return None
 
 
-def _rank(facts: _GraphFacts, tensor: str) -> int | None:
-    info = facts.tensors.get(tensor)
-    return None if info is None or info.shape is None else len(info.shape)
+def _rank(facts: _Facts, tensor: str) -> int | None:
+    info = facts.type(tensor)
+    return None if info is None or not info.ranked else len(info.shape)
 
 
 def _restriction_messages(node: onnx.NodeProto, checks: Mapping[str, Any],
-                          facts: _GraphFacts) -> Iterator[str]:
+                          facts: _Facts) -> Iterator[str]:
     inputs = list(node.input)
 
     def present(i: int) -> str | None:
@@ -296,9 +197,9 @@ def _restriction_messages(node: onnx.NodeProto, checks: Mapping[str, Any],
                 yield f"input {i} '{t}' must be a constant zero"
     for key, types in checks.get("input_types", {}).items():
         t = present(int(key))
-        info = facts.tensors.get(t) if t else None
-        if info is not None and info.dtype is not None:
-            dtype = _DTYPE_NAMES.get(info.dtype, str(info.dtype))
+        info = facts.type(t) if t else None
+        if info is not None and info.elem_type is not None:
+            dtype = _DTYPE_NAMES.get(info.elem_type, str(info.elem_type))
             if dtype not in types:
                 yield f"input {key} '{t}' is {dtype}; must be {', '.join(types)}"
     for key, ranks in checks.get("input_rank", {}).items():
@@ -308,8 +209,8 @@ def _restriction_messages(node: onnx.NodeProto, checks: Mapping[str, Any],
             yield f"input {key} '{t}' has rank {r}; supported: {', '.join(map(str, ranks))}"
     for i in checks.get("static_inputs", []):
         t = present(i)
-        info = facts.tensors.get(t) if t else None
-        if info is not None and info.shape is not None and not all(
+        info = facts.type(t) if t else None
+        if info is not None and info.ranked and not all(
                 isinstance(d, int) and d > 0 for d in info.shape):
             yield f"input {i} '{t}' must have static dims, has {list(info.shape)}"
     if (limit := checks.get("max_outputs")) is not None:

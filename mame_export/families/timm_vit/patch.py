@@ -16,9 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mame_export.ops import mame_step, mame_step_adaptive, step_macs
+from mame_export.families.swap import swap
+from mame_export.families.tokens import log_size_bias, merge_tokens
+from mame_export.ops import step_macs
 from mame_export.plan import (
     BlockPlan,
+    BlockSettings,
     MergePlan,
     check_ratio,
     default_merge_layers,
@@ -36,13 +39,6 @@ def matches(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - timm is a dependency
         return False
     return isinstance(model, VisionTransformer)
-
-
-def log_size_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """(B, N, 1) sizes -> (B, 1, 1, N) additive attention bias, or None."""
-    if size is None:
-        return None
-    return size.log().to(dtype).transpose(1, 2).unsqueeze(1)
 
 
 class SizedAttention:
@@ -81,24 +77,6 @@ def no_extra_args(args: tuple, kwargs: dict, method: str) -> None:
         raise NotImplementedError(f"{method}-patched ViTs take no attention mask or causal flag")
 
 
-def merge_unprotected(
-    x: torch.Tensor,
-    size: torch.Tensor | None,
-    metric: torch.Tensor,
-    protected: int,
-    merge: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply ``merge(x_m, metric_m, size_m) -> (merged, sizes)`` to the mergeable tokens;
-    the ``protected`` leading tokens (class, distillation, registers) stay in front."""
-    p = protected
-    if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
-    merged, s_new = merge(x[:, p:], metric[:, p:], size[:, p:])
-    if p == 0:
-        return merged, s_new
-    return torch.cat([x[:, :p], merged], dim=1), torch.cat([size[:, :p], s_new], dim=1)
-
-
 def pool_with_sizes(
     model: nn.Module, x: torch.Tensor, size: torch.Tensor | None, prop_attn: bool
 ) -> torch.Tensor:
@@ -130,15 +108,12 @@ def head_with_sizes(
 class _MaMeBlock:
     """Mixin for timm ``Block``: attention, then (maybe) MaMe, then the MLP."""
 
-    _mame_protected: int
-    _mame_keep_ratio: float
-    _mame_cfg: dict[str, Any]
+    _block_settings: BlockSettings
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, size: torch.Tensor | None, n_keep: int | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cfg = self._mame_cfg
-        bias = log_size_bias(size, x.dtype) if cfg["prop_attn"] else None
+        bias = log_size_bias(size, x.dtype) if self._block_settings.prop_attn else None
         attn_out, metric = self.attn(self.norm1(x), bias)
         x = x + self.drop_path1(self.ls1(attn_out))
         if n_keep is not None:
@@ -149,18 +124,7 @@ class _MaMeBlock:
     def _merge(
         self, x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, n_keep: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self._mame_cfg
-
-        def step(
-            x_m: torch.Tensor, k_m: torch.Tensor, s_m: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            if cfg["mode"] == "adaptive":
-                keep = max(1, round(x_m.shape[1] * self._mame_keep_ratio))
-                return mame_step_adaptive(x_m, k_m, s_m, keep, cfg["tau"])
-            merged, s_new, _ = mame_step(x_m, k_m, s_m, n_keep, cfg["tau"])
-            return merged, s_new
-
-        return merge_unprotected(x, size, metric, self._mame_protected, step)
+        return merge_tokens(self._block_settings, x, size, metric, n_keep)
 
 
 class _MaMeVisionTransformer:
@@ -202,11 +166,33 @@ class _MaMeVisionTransformer:
         no_extra_args(args, kwargs, "MaMe")
         return self._mame_features(x)[0]
 
-    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            "forward_intermediates is not supported on a MaMe-patched model; "
-            "use forward() or forward_features()"
-        )
+    def forward_intermediates(  # type: ignore[override]
+        self, x: torch.Tensor, indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+        output_fmt: str = "NCHW", intermediates_only: bool = False, output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+        return_token_sizes: bool = False,
+    ) -> Any:
+        """timm's ``forward_intermediates`` (timm 1.0) over merged tokens, same arguments and
+        results, with ``output_fmt='NLC'`` only: merged tokens form no grid. With
+        ``return_token_sizes`` the patch tokens' float32 sizes (B, N', 1) per intermediate
+        come too: ``image_intermediates_sizes`` in a dict, else a last returned element."""
+        from timm.models._features import feature_take_indices
+
+        no_extra_args((), {"attn_mask": attn_mask, "is_causal": is_causal}, "MaMe")
+        if output_fmt != "NLC":
+            raise ValueError(f"output_fmt={output_fmt!r} is impossible on a MaMe-patched model "
+                             "(merged tokens form no grid); pass output_fmt='NLC'")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        p, size, found = self.num_prefix_tokens, None, []
+        blocks = zip(self.blocks, self._mame_schedule(x.shape[1] - p), strict=True)
+        for i, (blk, n_keep) in enumerate(list(blocks)[: last + 1] if stop_early else blocks):
+            x, size = blk(x, size, n_keep)
+            if i in take:
+                found.append((self.norm(x) if norm else x, _patch_sizes(x, size, p)))
+        return _intermediates(self, x, found, p, return_prefix_tokens, intermediates_only,
+                              output_dict, return_token_sizes)
 
     def forward_head(  # type: ignore[override]
         self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None
@@ -219,6 +205,32 @@ class _MaMeVisionTransformer:
         no_extra_args(args, kwargs, "MaMe")
         x, size = self._mame_features(x)
         return self.forward_head(x, size=size)
+
+
+def _patch_sizes(x: torch.Tensor, size: torch.Tensor | None, p: int) -> torch.Tensor:
+    if size is None:
+        return x.new_ones(x.shape[0], x.shape[1] - p, 1, dtype=torch.float32)
+    return size[:, p:]
+
+
+def _intermediates(model: nn.Module, x: torch.Tensor, found: list, p: int, prefix: bool,
+                   only: bool, as_dict: bool, sizes: bool) -> Any:
+    """forward_intermediates' results, arranged as timm arranges them."""
+    inter = [y[:, p:] for y, _ in found]
+    prefixes = [y[:, :p] for y, _ in found] if p else None
+    extra = {"image_intermediates_sizes": [s for _, s in found]} if sizes else {}
+    if as_dict:
+        out: dict[str, Any] = {"image_intermediates": inter, **extra}
+        if prefix and prefixes is not None:
+            out["image_intermediates_prefix"] = prefixes
+        if not only:
+            out["image_features"] = model.norm(x)
+        return out
+    if prefix and prefixes is not None:
+        inter = list(zip(inter, prefixes, strict=True))
+    if only:
+        return (inter, *extra.values()) if extra else inter
+    return (model.norm(x), inter, *extra.values())
 
 
 @functools.lru_cache(maxsize=256)
@@ -236,11 +248,6 @@ def _schedule_counts(
     out = token_counts(num_patches, r, list(merge_layers), depth)
     prev = [num_patches] + out[:-1]
     return [n if n < n_prev else None for n, n_prev in zip(out, prev, strict=True)]
-
-
-@functools.cache
-def _subclass(mixin: type, base: type) -> type:
-    return type(f"MaMe{base.__name__}", (mixin, base), {})
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -366,18 +373,13 @@ def apply(
     """Patch a timm VisionTransformer in place (idempotent: re-applying replaces the plan)."""
     _check_supported(model)
     plan = build_plan(model, r, tau, layers, prop_attn, mode)
-    cfg = {"prop_attn": prop_attn, "tau": float(tau), "mode": mode}
     for blk, bp in zip(model.blocks, plan.blocks, strict=True):
-        base_blk = _unpatched_class(blk)
-        base_attn = _unpatched_class(blk.attn)
-        blk.__class__ = _subclass(_MaMeBlock, base_blk)
-        blk.attn.__class__ = _subclass(SizedAttention, base_attn)
-        blk._mame_protected = model.num_prefix_tokens
-        blk._mame_cfg = cfg
-        blk._mame_keep_ratio = (bp.tokens_out - plan.num_protected) / (
-            bp.tokens_in - plan.num_protected
-        )
-    model.__class__ = _subclass(_MaMeVisionTransformer, _unpatched_class(model))
+        keep = (bp.tokens_out - plan.num_protected) / (bp.tokens_in - plan.num_protected)
+        swap(blk, _MaMeBlock, settings=BlockSettings(
+            merges=bp.merges, tau=float(tau), prop_attn=prop_attn, mode=mode,
+            protected=model.num_prefix_tokens, keep_ratio=keep))
+        swap(blk.attn, SizedAttention)
+    swap(model, _MaMeVisionTransformer)
     model._mame_plan = plan
     model._mame_layers = tuple(
         default_merge_layers(len(model.blocks)) if layers is None else sorted(set(layers))
@@ -388,7 +390,3 @@ def apply(
     )
     return model
 
-
-def _unpatched_class(module: nn.Module) -> type:
-    cls = type(module)
-    return cls.__bases__[1] if cls.__name__.startswith("MaMe") and len(cls.__bases__) == 2 else cls

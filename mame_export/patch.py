@@ -1,44 +1,22 @@
-"""One entry point, one patch file per model family."""
+"""The library entry point: ``apply`` MaMe to a model of any registered family, read its
+plan, or solve r for a MACs target. Each family's patch is in ``families/<name>/patch.py``."""
 
 from __future__ import annotations
-
-import importlib
-from types import ModuleType
 
 import torch.nn as nn
 
 from mame_export.plan import MergePlan, check_ratio, check_target_macs, check_tau
 
-# Family modules, tried in order; each exposes FAMILY, matches(model), apply(...).
-_FAMILY_MODULES = ("mame_export.patch.timm_vit", "mame_export.patch.diffusers_unet")
 MODES = ("static", "adaptive")
 DEFAULT_TAU = {"static": 1.0, "adaptive": 0.8}  # per mode; see apply's tau
 _R_MAX = 0.999
 
 
-def _families() -> list[ModuleType]:
-    found = []
-    for name in _FAMILY_MODULES:
-        try:
-            found.append(importlib.import_module(name))
-        except ImportError:
-            continue
-    return found
-
-
 def supported_families() -> list[str]:
-    return [m.FAMILY for m in _families()]
+    """The names of the model families MaMe patches (see :mod:`mame_export.families`)."""
+    from mame_export.families import all_families
 
-
-def family_of(model: nn.Module) -> ModuleType:
-    for fam in _families():
-        if fam.matches(model):
-            return fam
-    raise TypeError(
-        f"MaMe does not support {type(model).__module__}.{type(model).__name__}; supported: "
-        "timm VisionTransformer models (ViT, DeiT, SigLIP/SigLIP2, register-token ViTs) "
-        "and diffusers UNet2DConditionModel (SD 1.x/2.x)"
-    )
+    return [f.name for f in all_families()]
 
 
 def apply(
@@ -78,9 +56,11 @@ def apply(
     check_tau(tau)
     if getattr(model, "_tome_plan", None) is not None:
         raise ValueError("model is already ToMe-patched; apply MaMe to an unpatched model")
-    fam = family_of(model)
-    return fam.apply(model, r, tau=tau, layers=layers, prop_attn=prop_attn, mode=mode,
-                     **family_options)
+    from mame_export.families import family_for_model
+
+    patch = family_for_model(model).patch()
+    return patch.apply(model, r, tau=tau, layers=layers, prop_attn=prop_attn, mode=mode,
+                       **family_options)
 
 
 def solve_r(model: nn.Module, target_macs: float, **apply_kwargs: object) -> float:

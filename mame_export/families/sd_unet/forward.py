@@ -9,6 +9,7 @@ add, so the rest of the UNet sees full-length sequences. Merging around the
 cross-attention and the feed-forward (with the same weights) is optional and
 off by default, as in ToMe-SD.
 
+The merge plan and ``apply`` are in :mod:`mame_export.families.sd_unet.patch`.
 The patch swaps the classes of each ``Transformer2DModel`` and its blocks for
 thin subclasses, so weights and ``state_dict`` keys are untouched and
 :func:`remove` undoes it. A patched ``Transformer2DModel`` hands its grid
@@ -21,7 +22,6 @@ partition to put every position back.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,16 +29,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mame_export.families.swap import restore, swap
 from mame_export.ops import mame_merge, mame_weights, mare_restore_partition
 from mame_export.ops.grid import grid_partition
-from mame_export.plan import BlockPlan, MergePlan, check_ratio, check_tau
+from mame_export.plan import BlockSettings
 
 FAMILY = "diffusers-unet"
 
 # Key under which a patched Transformer2DModel passes its (h, w) to its blocks.
 _GRID_KEY = "_mame_grid"
-# Text tokens assumed when the plan counts MACs (CLIP context length in SD 1.x/2.x).
-_PLAN_TEXT_TOKENS = 77
 
 
 def _is_unet(model: object) -> bool:
@@ -57,18 +56,6 @@ def matches(model: nn.Module) -> bool:
 def unet_of(model: nn.Module) -> nn.Module:
     """The UNet2DConditionModel itself, unwrapping an export wrapper."""
     return model if _is_unet(model) else model.unet
-
-
-@dataclass(frozen=True)
-class BlockSettings:
-    """What one patched transformer block does; fixed at ``apply`` time."""
-
-    merges: bool
-    r: float
-    tau: float
-    prop_attn: bool
-    merge_crossattn: bool
-    merge_mlp: bool
 
 
 def tokens_kept(n: int, r: float) -> int:
@@ -112,7 +99,7 @@ class _MaMeTransformer2D:
 class _MaMeBasicTransformerBlock:
     """Mixin for ``BasicTransformerBlock``: norm1 -> MaMe -> attn1 -> MaRe -> residual."""
 
-    _mame_settings: BlockSettings
+    _block_settings: BlockSettings
 
     def forward(  # type: ignore[override]
         self,
@@ -127,7 +114,7 @@ class _MaMeBasicTransformerBlock:
     ) -> torch.Tensor:
         kwargs = dict(cross_attention_kwargs or {})
         grid = kwargs.pop(_GRID_KEY, None)
-        cfg = self._mame_settings
+        cfg = self._block_settings
         n = int(hidden_states.shape[1])  # a plain int under TorchScript tracing too
         n_keep = tokens_kept(n, cfg.r) if cfg.merges else n
         if n_keep == n:
@@ -163,7 +150,7 @@ class _MaMeBasicTransformerBlock:
         context_mask: torch.Tensor | None,
         kwargs: dict[str, Any],
     ) -> torch.Tensor:
-        cfg = self._mame_settings
+        cfg = self._block_settings
         part = grid_partition(grid[0], grid[1], n_keep, x.device)
         ones = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
 
@@ -283,243 +270,12 @@ def _check_block(name: str, blk: nn.Module, base: type) -> None:
         )
 
 
-@functools.cache
-def _subclass(mixin: type, base: type) -> type:
-    return type(f"MaMe{base.__name__}", (mixin, base), {})
-
-
-def _unpatched_class(module: nn.Module) -> type:
-    cls = type(module)
-    if cls.__name__.startswith("MaMe") and len(cls.__bases__) == 2:
-        return cls.__bases__[1]
-    return cls
-
-
 def _patch_modules(infos: list[TransformerBlockInfo], settings: list[BlockSettings]) -> None:
     for info, s in zip(infos, settings, strict=True):
-        info.parent.__class__ = _subclass(_MaMeTransformer2D, _unpatched_class(info.parent))
-        info.module.__class__ = _subclass(
-            _MaMeBasicTransformerBlock, _unpatched_class(info.module)
-        )
-        info.module._mame_settings = s
+        swap(info.parent, _MaMeTransformer2D)
+        swap(info.module, _MaMeBasicTransformerBlock, settings=s)
 
 
 def remove(unet: nn.Module) -> nn.Module:
     """Undo :func:`apply` in place (no-op on an unpatched UNet) and return it."""
-    for module in unet.modules():
-        base = _unpatched_class(module)
-        if base is not type(module):
-            module.__class__ = base
-        module.__dict__.pop("_mame_settings", None)
-        module.__dict__.pop("_mame_plan", None)
-    return unet
-
-
-# --------------------------------------------------------------------------- plan
-
-
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    h, w = (size, size) if isinstance(size, int) else size
-    if int(h) < 1 or int(w) < 1:
-        raise ValueError(f"latent size must be positive; got {size!r}")
-    return int(h), int(w)
-
-
-def _meta_copy(unet: nn.Module) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(unet.config).eval()
-
-
-def _count(
-    unet: nn.Module, latent: tuple[int, int], names: list[str]
-) -> tuple[int, dict[str, tuple[int, int]]]:
-    """MACs of one batch-1 forward (every matmul and conv) and each named module's grid."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cfg = unet.config
-    grids: dict[str, tuple[int, int]] = {}
-    modules = dict(unet.named_modules())
-
-    def record(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else kwargs["hidden_states"]
-            grids.setdefault(name, (int(x.shape[-2]), int(x.shape[-1])))
-
-        return hook
-
-    hooks = [modules[n].register_forward_pre_hook(record(n), with_kwargs=True) for n in names]
-    sample = torch.zeros(1, cfg.in_channels, *latent, device="meta")
-    context = torch.zeros(1, _PLAN_TEXT_TOKENS, cfg.cross_attention_dim, device="meta")
-    counter = FlopCounterMode(display=False)
-    try:
-        with counter, torch.no_grad():
-            unet(sample, torch.zeros((), device="meta"), context)
-    finally:
-        for h in hooks:
-            h.remove()
-    return counter.get_total_flops() // 2, grids
-
-
-def build_plan(
-    unet: nn.Module,
-    r: float,
-    tau: float,
-    layers: list[int] | None,
-    prop_attn: bool,
-    mode: str,
-    latent_size: int | tuple[int, int] | None = None,
-    merge_crossattn: bool = False,
-    merge_mlp: bool = False,
-) -> MergePlan:
-    """The plan for ``unet`` at one latent size (default: the config's ``sample_size``).
-
-    One BlockPlan per transformer block, in forward order: ``tokens_in`` is the
-    block's sequence (h*w of its latent grid), ``tokens_out`` the length its
-    self-attention runs on (MaRe restores ``tokens_in`` right after). MACs are
-    counted with ``torch.utils.flop_counter`` on a meta-device copy (no memory,
-    no compute): every matmul and convolution of one batch-1 forward with 77
-    text tokens, MaMe/MaRe overhead included.
-    """
-    check_ratio(r)
-    check_tau(tau)
-    if mode != "static":
-        raise ValueError(
-            f"mode={mode!r} is not supported for UNets: MaRe restores positions through a "
-            "fixed partition, so only mode='static' exists"
-        )
-    unet = unet_of(unet)
-    infos = transformer_blocks(unet)
-    selected = _check_layers(layers, len(infos))
-    latent = _pair(latent_size if latent_size is not None else unet.config.sample_size)
-    settings = _settings(len(infos), selected, r, tau, prop_attn, merge_crossattn, merge_mlp)
-
-    meta = _meta_copy(unet)
-    meta_infos = transformer_blocks(meta)
-    macs_unpatched, grids = _count(meta, latent, [i.parent_name for i in meta_infos])
-    _patch_modules(meta_infos, settings)
-    macs, _ = _count(meta, latent, [])
-
-    blocks, by_grid = [], {}
-    for info, s in zip(infos, settings, strict=True):
-        h, w = grids[info.parent_name]
-        n = h * w
-        n_attn = tokens_kept(n, r) if s.merges else n
-        blocks.append(BlockPlan(info.index, n, n_attn, n_attn < n))
-        by_grid.setdefault(f"{h}x{w}", []).append(str(info.index))
-    notes = [
-        "UNet: tokens out = self-attention length; MaRe restores every position after it",
-        "blocks by latent grid: " + "; ".join(f"{g}: {','.join(i)}" for g, i in by_grid.items()),
-        f"MACs: FlopCounterMode on a meta copy, batch 1, {_PLAN_TEXT_TOKENS} text tokens, "
-        "all matmuls and convolutions",
-    ]
-    if merge_crossattn or merge_mlp:
-        notes.append(f"also merged: cross-attention={merge_crossattn}, feed-forward={merge_mlp}")
-    return MergePlan(
-        family=FAMILY,
-        r=float(r),
-        tau=float(tau),
-        mode=mode,
-        prop_attn=prop_attn,
-        num_patches=latent[0] * latent[1],
-        num_protected=0,
-        blocks=tuple(blocks),
-        macs=int(macs),
-        macs_unpatched=int(macs_unpatched),
-        notes=tuple(notes),
-    )
-
-
-def _check_layers(layers: list[int] | None, depth: int) -> set[int]:
-    if layers is None:
-        return set(range(depth))
-    bad = [i for i in layers if not 0 <= i < depth]
-    if bad:
-        raise ValueError(f"layers {bad} out of range for a UNet with {depth} transformer blocks")
-    return set(layers)
-
-
-def _settings(
-    depth: int,
-    selected: set[int],
-    r: float,
-    tau: float,
-    prop_attn: bool,
-    merge_crossattn: bool,
-    merge_mlp: bool,
-) -> list[BlockSettings]:
-    return [
-        BlockSettings(
-            merges=i in selected and r > 0,
-            r=float(r),
-            tau=float(tau),
-            prop_attn=bool(prop_attn),
-            merge_crossattn=bool(merge_crossattn),
-            merge_mlp=bool(merge_mlp),
-        )
-        for i in range(depth)
-    ]
-
-
-def blocks_up_to_downsample(unet: nn.Module, max_downsample: int) -> list[int]:
-    """Indices of the transformer blocks at most ``max_downsample`` x below the latent.
-
-    The ToMe-SD knob: 1 selects the highest-resolution blocks only, 8 all of
-    them in SD 1.x/2.x. Read from the UNet's layout (down block i runs at 2**i).
-    """
-    unet = unet_of(unet)
-    levels = {f"down_blocks.{i}": 2**i for i in range(len(unet.down_blocks))}
-    last = 2 ** (len(unet.down_blocks) - 1)
-    levels["mid_block"] = last
-    levels.update({f"up_blocks.{i}": last // 2**i for i in range(len(unet.up_blocks))})
-    out = []
-    for info in transformer_blocks(unet):
-        stage = info.name.split(".attentions.")[0]
-        if levels[stage] <= max_downsample:
-            out.append(info.index)
-    return out
-
-
-def apply(
-    model: nn.Module,
-    r: float,
-    *,
-    tau: float,
-    layers: list[int] | None,
-    prop_attn: bool,
-    mode: str,
-    merge_crossattn: bool = False,
-    merge_mlp: bool = False,
-    latent_size: int | tuple[int, int] | None = None,
-) -> nn.Module:
-    """Patch a UNet2DConditionModel (or a wrapper holding it as ``.unet``) in place.
-
-    Re-applying replaces the settings and the plan; :func:`remove` undoes it.
-
-    Args:
-        r: fraction of each selected block's tokens merged away before its
-            self-attention (the same in every block; no compounding, since
-            MaRe restores them right after).
-        layers: transformer-block indices in forward order (see
-            :func:`transformer_blocks`, :func:`blocks_up_to_downsample`); default all.
-        prop_attn: add log(token size) to the self-attention logits.
-        merge_crossattn, merge_mlp: also run the cross-attention / feed-forward
-            on the merged tokens (same weights, then MaRe); off by default.
-        latent_size: latent (h, w) or side the plan is computed for; default the
-            config's ``sample_size``. Other sizes still run (the partition is
-            made per latent grid); only the stored plan is for this one.
-    """
-    unet = unet_of(model)
-    plan = build_plan(
-        unet, r, tau, layers, prop_attn, mode, latent_size, merge_crossattn, merge_mlp
-    )
-    infos = transformer_blocks(unet)
-    selected = _check_layers(layers, len(infos))
-    _patch_modules(
-        infos, _settings(len(infos), selected, r, tau, prop_attn, merge_crossattn, merge_mlp)
-    )
-    unet._mame_plan = plan
-    model._mame_plan = plan
-    return model
-
+    return restore(unet, "_mame_plan")

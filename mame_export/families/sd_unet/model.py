@@ -15,7 +15,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from mame_export.checkpoints import load_state, read_state_dict, seeded
 from mame_export.errors import CheckpointError
+from mame_export.families.base import IOSpec
 
 # stabilityai/stable-diffusion-2-1, unet/config.json (diffusers 0.10.0.dev0), "_" keys dropped.
 SD21_UNET_CONFIG: dict[str, Any] = {
@@ -90,31 +92,15 @@ def build_unet(
     from diffusers import UNet2DConditionModel
 
     if str(weights) == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            unet = UNet2DConditionModel.from_config(config)
+        unet = seeded(lambda: UNet2DConditionModel.from_config(config), seed)
     else:
         state = read_unet_state_dict(weights, config)
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(config)
-        _check_keys(unet, state, weights)
-        unet.load_state_dict(state, strict=True, assign=True)
+        load_state(unet, state, weights, assign=True)
     if dtype != torch.float32:
         unet = unet.to(dtype)
     return unet.eval()
-
-
-def _check_keys(unet: nn.Module, state: dict[str, torch.Tensor], weights: str | Path) -> None:
-    own = unet.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{weights} does not fit the SD UNet configuration: {len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped keys (e.g. "
-            f"{', '.join((missing + unexpected + wrong)[:3])})"
-        )
 
 
 def build_sd21_unet(
@@ -154,8 +140,6 @@ def unet_weight_file(weights: str | Path) -> Path:
 
 def read_unet_state_dict(weights: str | Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Diffusers-keyed UNet state dict from ``weights``; original SD checkpoints are converted."""
-    from mame_export.models import read_state_dict
-
     file = unet_weight_file(weights)
     state = read_state_dict(file)
     if any(k.startswith(_LDM_UNET) for k in state):  # UNet-only extract, "model." stripped
@@ -224,14 +208,12 @@ def sd21_example_inputs(
     return unet_example_inputs(SD21_UNET_CONFIG, batch, latent, dtype, SD21_TEXT_TOKENS, seed)
 
 
-def sd_unet_io_spec(model: nn.Module, latent: int | tuple[int, int] | None = None) -> Any:
-    """The export spec (:class:`mame_export.export.IOSpec`) of a UNet or its wrapper.
+def sd_unet_io_spec(model: nn.Module, latent: int | tuple[int, int] | None = None) -> IOSpec:
+    """The export spec of a UNet or its wrapper (noise predictions: no class scores).
 
     Fresh random float32 inputs per call: N(0,1) latents, timesteps uniform in
     [0, 1000), N(0,1) text states with 77 tokens.
     """
-    from mame_export.export import IOSpec
-
     unet = model.unet if isinstance(model, UNetExportWrapper) else model
     cfg = unet.config
     size = cfg.sample_size if latent is None else latent
@@ -243,4 +225,4 @@ def sd_unet_io_spec(model: nn.Module, latent: int | tuple[int, int] | None = Non
         context = torch.randn(batch, SD21_TEXT_TOKENS, cfg.cross_attention_dim, generator=gen)
         return sample, timestep, context
 
-    return IOSpec(INPUT_NAMES, OUTPUT_NAMES, make)
+    return IOSpec(INPUT_NAMES, OUTPUT_NAMES, make, class_scores=False)

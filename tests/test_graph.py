@@ -1,0 +1,186 @@
+"""mame_export.graph: the one walker, the one constant analysis, a graph's IO, precision,
+opset and hash, and the one Finding type the audit and the TensorRT pre-flight share."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from mame_export import audit as audit_mod
+from mame_export.graph import (
+    CONST,
+    DATA,
+    SHAPE,
+    Constants,
+    Finding,
+    GraphReadError,
+    graph_inputs,
+    graph_opset,
+    graph_outputs,
+    graph_precision,
+    graph_sha256,
+    load_graph,
+    tensor_types,
+    walk,
+)
+from mame_export.trt.support import trt_preflight
+
+
+def _vi(name: str, shape: list | None, t: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, t, shape)
+
+
+def _model(nodes, inputs, outputs, inits=(), functions=()) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    imports = [helper.make_opsetid("", 18)]
+    if functions:
+        imports.append(helper.make_opsetid("local", 1))
+    return helper.make_model(g, opset_imports=imports, functions=list(functions))
+
+
+def _branch(name: str, op: str) -> onnx.GraphProto:
+    return helper.make_graph([helper.make_node(op, ["x"], [f"{name}_y"], name=f"{name}_op")],
+                             name, [], [_vi(f"{name}_y", [2, 8])])
+
+
+def nested_model() -> onnx.ModelProto:
+    """Main graph: a call of local::twice (Relu inside), an If whose branches hold a Neg and an
+    Abs, and a function nothing calls (Sigmoid inside)."""
+    twice = helper.make_function("local", "twice", ["a"], ["b"],
+                                 [helper.make_node("Relu", ["a"], ["b"], name="inner_relu")],
+                                 [helper.make_opsetid("", 18)])
+    unused = helper.make_function("local", "unused", ["a"], ["b"],
+                                  [helper.make_node("Sigmoid", ["a"], ["b"], name="lonely")],
+                                  [helper.make_opsetid("", 18)])
+    cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
+    nodes = [
+        helper.make_node("twice", ["x"], ["t"], domain="local", name="call"),
+        helper.make_node("If", ["cond"], ["z"], name="branch",
+                         then_branch=_branch("then", "Neg"), else_branch=_branch("else", "Abs")),
+    ]
+    return _model(nodes, [_vi("x", [2, 8])], [_vi("t", [2, 8]), _vi("z", [2, 8])], [cond],
+                  [twice, unused])
+
+
+# ------------------------------------------------------------------ the walker
+
+
+def test_walk_visits_function_bodies_and_if_subgraphs_once() -> None:
+    sites = {s.node.name: s for s in walk(nested_model())}
+    assert list(sites) == ["call", "inner_relu", "branch", "else_op", "then_op", "lonely"]
+    assert sites["call"].calls == ("local", "twice") and sites["call"].typed
+    assert sites["inner_relu"].function == ("local", "twice")
+    assert sites["inner_relu"].reachable and not sites["inner_relu"].typed
+    assert sites["then_op"].where == "branch/" and sites["then_op"].typed
+    assert sites["lonely"].where == "unused/" and not sites["lonely"].reachable
+
+
+def test_census_counts_every_node_once() -> None:
+    census = audit_mod.op_census(nested_model())
+    assert census == {"twice": 1, "Relu": 1, "If": 1, "Neg": 1, "Abs": 1, "Sigmoid": 1}
+
+
+# ------------------------------------------------------------------ constants
+
+
+def constant_model() -> onnx.ModelProto:
+    shape = helper.make_node("Constant", [], ["shape"], name="c",
+                             value=numpy_helper.from_array(np.array([4, 4], np.int64)))
+    nodes = [
+        shape,
+        helper.make_node("Add", ["shape", "one"], ["folded"]),
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Relu", ["x"], ["y"]),
+        helper.make_node("Reshape", ["y", "shape"], ["r"]),
+    ]
+    one = numpy_helper.from_array(np.array([1, 1], np.int64), "one")
+    return _model(nodes, [_vi("x", [2, 8])], [_vi("r", [4, 4])], [one])
+
+
+def test_constant_analysis_kinds_and_values() -> None:
+    c = Constants(constant_model())
+    assert c.kind("one") == c.kind("shape") == c.kind("folded") == CONST
+    assert c.kind("xs") == SHAPE and c.kind("y") == DATA and c.kind("x") == DATA
+    assert c.is_initializer("one") and c.is_initializer("shape")
+    assert not c.is_initializer("folded") and c.is_constant("folded")
+    assert not c.is_constant("y") and not c.is_constant("nowhere")
+    np.testing.assert_array_equal(c.value("shape"), [4, 4])
+    assert c.value("folded") is None
+
+
+def test_constants_inside_a_function_are_scoped_and_joined_over_calls() -> None:
+    k = helper.make_node("Constant", [], ["k"], value=helper.make_tensor("kv", TensorProto.INT64,
+                                                                         [1], [2]))
+    fn = helper.make_function("local", "f", ["a"], ["b"],
+                              [k, helper.make_node("Add", ["a", "a"], ["b"])],
+                              [helper.make_opsetid("", 18)])
+    seven = numpy_helper.from_array(np.array([7.0], np.float32), "seven")
+    nodes = [helper.make_node("f", ["seven"], ["u"], domain="local"),
+             helper.make_node("f", ["x"], ["v"], domain="local")]
+    c = Constants(_model(nodes, [_vi("x", [1])], [_vi("u", [1]), _vi("v", [1])], [seven], [fn]))
+    key = ("local", "f")
+    assert c.is_initializer("k", key) and not c.is_initializer("k")  # scoped to the body
+    assert c.kind("u") == CONST and c.kind("v") == DATA
+    assert c.kind("b", key) == DATA  # the least constant over both calls
+
+
+def test_constants_check_hook_sees_input_kinds() -> None:
+    seen: dict[str, list[int]] = {}
+
+    def check(node: onnx.NodeProto, ins: list[int], where: str) -> bool:
+        seen[node.op_type] = ins
+        return False
+
+    Constants(constant_model(), check)
+    assert seen["Reshape"] == [DATA, CONST] and seen["Add"] == [CONST, CONST]
+
+
+# ------------------------------------------------------------------ IO, precision, opset, hash
+
+
+def test_io_types_precision_and_opset() -> None:
+    model = _model([helper.make_node("Relu", ["x"], ["y"])],
+                   [_vi("x", ["batch", 8], TensorProto.FLOAT16), _vi("w", [8])],
+                   [_vi("y", None, TensorProto.FLOAT16)],
+                   [numpy_helper.from_array(np.zeros(8, np.float16), "w")])
+    (x,) = graph_inputs(model)  # the initializer listed as an input is not a real input
+    assert (x.name, x.dtype, x.shape, x.dynamic_batch) == ("x", "FLOAT16", ("batch", 8), True)
+    (y,) = graph_outputs(model)
+    assert y.elem_type == TensorProto.FLOAT16 and not y.ranked
+    assert tensor_types(model)["w"].shape == (8,)
+    assert graph_precision(model) == "fp16"
+    assert graph_opset(model) == 18
+
+
+def test_hash_of_the_file_and_load_errors(tmp_path: Path) -> None:
+    path = tmp_path / "g.onnx"
+    onnx.save(constant_model(), str(path))
+    assert graph_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert graph_opset(path) == 18
+    assert [n.op_type for n in load_graph(path).graph.node][-1] == "Reshape"
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(GraphReadError, match="empty"):
+        load_graph(tmp_path / "empty.onnx")
+
+
+# ------------------------------------------------------------------ one Finding
+
+
+def test_audit_and_preflight_report_the_same_finding_type() -> None:
+    topk = helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1, name="topk")
+    model = _model([topk], [_vi("x", [2, 8])], [_vi("v", [2, 2])],
+                   [helper.make_tensor("k", TensorProto.INT64, [1], [2])])
+    (forbidden,) = audit_mod.forbidden_ops(model)
+    assert isinstance(forbidden, Finding) and forbidden.kind == "forbidden-op"
+    assert str(forbidden) == "[forbidden-op] (TopK topk) data-dependent op in a graph that " \
+                             "must be static"
+    det = _model([helper.make_node("Det", ["m"], ["d"], name="det")],
+                 [_vi("m", [3, 3])], [_vi("d", [])])
+    (trt,) = trt_preflight(det)
+    assert isinstance(trt, Finding) and trt.kind == "tensorrt"
+    assert str(trt).startswith("[tensorrt] (Det det) ")
