@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -138,6 +139,38 @@ def token_counts(num_patches: int, r: float, merge_layers: list[int], depth: int
             n = max(1, min(n, round(num_patches * (1.0 - r) ** (done / L))))
         out.append(n)
     return out
+
+
+def keep_schedule(num_patches: int, r: float, merge_layers: Sequence[int],
+                  depth: int) -> tuple[int | None, ...]:
+    """Per block: the mergeable tokens it keeps, or None where it does not merge (a merge
+    layer whose rounded count does not drop merges nothing). Plain arithmetic, like
+    :func:`token_counts`."""
+    out = token_counts(num_patches, r, list(merge_layers), depth)
+    prev = [num_patches, *out[:-1]]
+    return tuple(n if n < p else None for n, p in zip(out, prev, strict=True))
+
+
+def block_plans(num_patches: int, protected: int,
+                schedule: Sequence[int | None]) -> list[BlockPlan]:
+    """The BlockPlans of a keep schedule (:func:`keep_schedule`); counts include the
+    ``protected`` tokens."""
+    plans, n = [], num_patches
+    for i, n_keep in enumerate(schedule):
+        n_out = n if n_keep is None else n_keep
+        plans.append(BlockPlan(i, n + protected, n_out + protected, n_keep is not None))
+        n = n_out
+    return plans
+
+
+def merge_layers_or_default(layers: Sequence[int] | None, depth: int) -> list[int]:
+    """``layers`` sorted without repeats, or the default (:func:`default_merge_layers`);
+    ValueError for an index outside ``[0, depth)``."""
+    chosen = default_merge_layers(depth) if layers is None else sorted(set(layers))
+    bad = [i for i in chosen if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a model with {depth} blocks")
+    return chosen
 
 
 DEFAULT_MERGE_BLOCKS = 8

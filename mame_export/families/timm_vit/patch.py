@@ -23,9 +23,10 @@ from mame_export.plan import (
     BlockPlan,
     BlockSettings,
     MergePlan,
+    block_plans,
     check_ratio,
-    default_merge_layers,
-    token_counts,
+    keep_schedule,
+    merge_layers_or_default,
 )
 
 FAMILY = "timm-vit"
@@ -146,10 +147,10 @@ class _MaMeVisionTransformer:
             n0, fixed = self._mame_fixed_schedule
             if num_patches == n0:
                 return list(fixed)
-            fn = _schedule_counts
+            fn = keep_schedule
         else:
             fn = _schedule
-        return fn(num_patches, self._mame_plan.r, self._mame_layers, len(self.blocks))
+        return list(fn(num_patches, self._mame_plan.r, self._mame_layers, len(self.blocks)))
 
     def _mame_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.patch_embed(x)
@@ -236,18 +237,10 @@ def _intermediates(model: nn.Module, x: torch.Tensor, found: list, p: int, prefi
 @functools.lru_cache(maxsize=256)
 def _schedule(
     num_patches: int, r: float, merge_layers: tuple[int, ...], depth: int
-) -> list[int | None]:
+) -> tuple[int | None, ...]:
     """Per block: mergeable tokens to keep, or None where the block does not merge."""
     check_ratio(r)
-    return _schedule_counts(num_patches, r, merge_layers, depth)
-
-
-def _schedule_counts(
-    num_patches: int, r: float, merge_layers: tuple[int, ...], depth: int
-) -> list[int | None]:
-    out = token_counts(num_patches, r, list(merge_layers), depth)
-    prev = [num_patches] + out[:-1]
-    return [n if n < n_prev else None for n, n_prev in zip(out, prev, strict=True)]
+    return keep_schedule(num_patches, r, merge_layers, depth)
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -306,14 +299,8 @@ def _macs(model: nn.Module, blocks: list[BlockPlan], merge_cost: bool) -> int:
 def _block_plans(
     model: nn.Module, num_patches: int, r: float, layers: list[int]
 ) -> list[BlockPlan]:
-    p = model.num_prefix_tokens
     sched = _schedule(num_patches, r, tuple(layers), len(model.blocks))
-    plans, n = [], num_patches
-    for i, n_keep in enumerate(sched):
-        n_out = n if n_keep is None else n_keep
-        plans.append(BlockPlan(i, n + p, n_out + p, n_keep is not None))
-        n = n_out
-    return plans
+    return block_plans(num_patches, model.num_prefix_tokens, sched)
 
 
 def _num_patches(model: nn.Module, img_size: int | tuple[int, int] | None) -> int:
@@ -334,11 +321,7 @@ def build_plan(
     img_size: int | tuple[int, int] | None = None,
 ) -> MergePlan:
     """The merge plan of ``model`` (patched or not) for the given settings."""
-    depth = len(model.blocks)
-    layers = default_merge_layers(depth) if layers is None else sorted(set(layers))
-    bad = [i for i in layers if not 0 <= i < depth]
-    if bad:
-        raise ValueError(f"layers {bad} out of range for a model with {depth} blocks")
+    layers = merge_layers_or_default(layers, len(model.blocks))
     n0 = _num_patches(model, img_size)
     blocks = _block_plans(model, n0, r, layers)
     unpatched = _block_plans(model, n0, 0.0, [])
@@ -381,9 +364,7 @@ def apply(
         swap(blk.attn, SizedAttention)
     swap(model, _MaMeVisionTransformer)
     model._mame_plan = plan
-    model._mame_layers = tuple(
-        default_merge_layers(len(model.blocks)) if layers is None else sorted(set(layers))
-    )
+    model._mame_layers = tuple(merge_layers_or_default(layers, len(model.blocks)))
     n0 = plan.num_patches
     model._mame_fixed_schedule = (
         n0, tuple(_schedule(n0, plan.r, model._mame_layers, len(model.blocks)))

@@ -22,16 +22,15 @@ import torch
 import torch.nn as nn
 
 from mame_export.families.tokens import log_size_bias
-from mame_export.plan import MergePlan, token_counts
+from mame_export.plan import MergePlan
+from mame_export.plan import keep_schedule as plan_keep_schedule
 
 
 @functools.lru_cache(maxsize=256)
 def keep_schedule(n_patches: int, r: float, merge_layers: tuple[int, ...],
                   depth: int) -> tuple[int | None, ...]:
     """Per layer: mergeable tokens to keep, or None where the layer does not merge."""
-    out = token_counts(n_patches, r, list(merge_layers), depth)
-    prev = [n_patches, *out[:-1]]
-    return tuple(n if n < p else None for n, p in zip(out, prev, strict=True))
+    return plan_keep_schedule(n_patches, r, merge_layers, depth)
 
 
 class Run(NamedTuple):

@@ -26,8 +26,9 @@ from mame_export.plan import (
     BlockPlan,
     BlockSettings,
     MergePlan,
+    block_plans,
     check_ratio,
-    default_merge_layers,
+    merge_layers_or_default,
 )
 
 FAMILY = "transformers"
@@ -183,22 +184,12 @@ def _macs(model: nn.Module, blocks: list[BlockPlan], merge_cost: bool) -> int:
 
 def _block_plans(model: nn.Module, n0: int, r: float, merge_layers: list[int]
                  ) -> list[BlockPlan]:
-    p = arch_of(encoder_of(model)).protected
-    plans, n = [], n0
-    for i, n_keep in enumerate(keep_schedule(n0, r, tuple(merge_layers), layers_run(model))):
-        n_out = n if n_keep is None else n_keep
-        plans.append(BlockPlan(i, n + p, n_out + p, n_keep is not None))
-        n = n_out
-    return plans
+    sched = keep_schedule(n0, r, tuple(merge_layers), layers_run(model))
+    return block_plans(n0, arch_of(encoder_of(model)).protected, sched)
 
 
 def _merge_layers(model: nn.Module, layers_: list[int] | None) -> list[int]:
-    depth = layers_run(model)
-    chosen = default_merge_layers(depth) if layers_ is None else sorted(set(layers_))
-    bad = [i for i in chosen if not 0 <= i < depth]
-    if bad:
-        raise ValueError(f"layers {bad} out of range for a model with {depth} layers")
-    return chosen
+    return merge_layers_or_default(layers_, layers_run(model))
 
 
 def build_plan(
@@ -222,8 +213,10 @@ def build_plan(
                      "distinctive sources add to them at run time")
     depth = len(layer_list(encoder_of(model)))
     if layers_run(model) < depth:
+        n_out = blocks[-1].tokens_out - arch_of(encoder_of(model)).protected
         notes.append(f"LLaVA encoder: runs layers 0-{layers_run(model) - 1} of {depth} and "
-                     "returns the second-to-last layer's patch tokens")
+                     f"returns the second-to-last layer's patch tokens: {n0} -> {n_out} "
+                     "image tokens for the language model")
     return MergePlan(
         family=FAMILY, r=float(r), tau=float(tau), mode=mode, prop_attn=prop_attn,
         num_patches=n0, num_protected=arch_of(encoder_of(model)).protected,

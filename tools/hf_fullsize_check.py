@@ -1,0 +1,167 @@
+"""Benchmark (not a test): full-size transformers encoders with random weights, through
+the command line, then ONNX Runtime CPU latency of the merged graph against the
+unmerged one, timed in turns.
+
+    python tools/hf_fullsize_check.py                  # clip_l336 --llava and videomae_l
+
+For each model: ``mame-export MODEL --r R`` and ``--r 0`` (the unmerged graph of the
+same encoder) with ``--json``: wall time, peak memory of the child, graph size and
+node count, the audit and the parity report. Then both graphs are timed in turns with
+the project's interleaved timer (few iterations: a VideoMAE-L clip takes seconds on a
+CPU). Graphs go to a temporary folder that is deleted; results to
+``benchmarks/results/hf_fullsize_cpu.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mame_export.artifacts import atomic_write_text  # noqa: E402
+from mame_export.graph import graph_inputs, load_graph  # noqa: E402
+from mame_export.profile import (  # noqa: E402
+    TimingSettings,
+    measure_interleaved,
+    results_header,
+    summarize,
+)
+from mame_export.runners.factory import make_runner  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = {"clip_l336": ["--llava"], "videomae_l": []}
+
+
+def export(model: str, r: float, extra: list[str], out: Path) -> dict[str, Any]:
+    """One ``mame-export`` run in a child process: its --json object, wall time, peak RSS."""
+    cmd = [sys.executable, "-m", "mame_export", model, "--r", f"{r:g}", *extra,
+           "--weights", "random", "--parity-batches", "2",
+           "--seed", "0", "--out", str(out), "--json"]
+    print("$ mame-export " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if proc.returncode not in (0, 1) or not proc.stdout.strip():
+        raise SystemExit(f"mame-export {model} failed with exit {proc.returncode}")
+    meta = json.loads(proc.stdout)
+    parity = meta["parity"]
+    return {
+        "command": "mame-export " + " ".join(cmd[3:-2] + ["--out", "DIR", "--json"]),
+        "exit_code": proc.returncode, "ok": meta["ok"], "wall_s": round(wall, 1),
+        "child_peak_rss_gib": round(max(peak, before) / 2**20, 2),
+        "export_s": meta["export_seconds"], "onnx_bytes": meta["onnx_bytes"],
+        "external_data": meta["external_data"], "nodes": meta["audit"]["nodes"],
+        "audit_passed": meta["audit"]["passed"],
+        "forbidden_ops": meta["audit"]["forbidden_ops"],
+        "tensorrt_preflight": meta["audit"]["tensorrt"].get("passed"),
+        "parity_passed": parity["passed"], "parity_max_abs": parity.get("max_abs_diff"),
+        "tolerance": parity.get("tolerance"),
+        "inputs": meta["inputs"], "outputs": meta["outputs"],
+        "tokens_in": meta["plan"]["blocks"][0]["tokens_in"],
+        "tokens_out": meta["plan"]["blocks"][-1]["tokens_out"],
+        "macs_ratio": round(meta["plan"]["macs"] / meta["plan"]["macs_unpatched"], 4),
+        "notes": meta["plan"]["notes"], "onnx": meta["onnx"],
+    }
+
+
+def latency(graphs: dict[str, str], threads: int, iters: int) -> dict[str, Any]:
+    """The graphs timed in turns on ONNX Runtime CPU (fresh random inputs, rotated)."""
+    first = load_graph(next(iter(graphs.values())))
+    rng = np.random.default_rng(0)
+    feeds = [{t.name: rng.standard_normal([int(d) for d in t.shape], dtype=np.float32)
+              for t in graph_inputs(first)} for _ in range(2)]
+    runners = {k: make_runner("onnxrt", onnx_path=Path(p), threads=threads, spinning=False)
+               for k, p in graphs.items()}
+    try:
+        steps = {k: r.prepare_timing(feeds) for k, r in runners.items()}
+        settings = TimingSettings(warmup_iters=1, warmup_s=0.0, min_iters=iters,
+                                  max_iters=iters, budget_s=0.0, input_sets=2)
+        times = measure_interleaved(steps, settings)
+    finally:
+        for r in runners.values():
+            r.deactivate()
+    out: dict[str, Any] = {"iterations": iters, "threads": threads}
+    for k, v in times.items():
+        if isinstance(v, Exception):
+            out[k] = {"error": str(v)}
+            continue
+        st = summarize(v)
+        out[k] = {"median_ms": round(st.median_ms, 1), "p90_ms": round(st.p90_ms, 1),
+                  "ms": [round(float(t), 1) for t in v]}
+    if all("median_ms" in out.get(k, {}) for k in ("unmerged", "mame")):
+        out["speedup"] = round(out["unmerged"]["median_ms"] / out["mame"]["median_ms"], 3)
+    return out
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = ["# Full-size transformers encoders on the CPU (random weights)", "",
+             f"`{doc['command']}` on {doc['cpu']}, {doc['threads']} threads; "
+             f"versions: {', '.join(f'{k} {v}' for k, v in doc['versions'].items())}.", "",
+             "| model | r | tokens | MACs ratio | wall s | export s | graph MB | nodes | "
+             "audit | parity max abs | ORT median ms | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in doc["models"].items():
+        lat = m["latency"]
+        for key, r in (("unmerged", 0.0), ("mame", doc["r"])):
+            e = m[key]
+            med = lat.get(key, {}).get("median_ms", "n/a")
+            sp = f"{lat['speedup']:.2f}x" if key == "mame" and "speedup" in lat else ""
+            lines.append(
+                f"| {name} | {r:g} | {e['tokens_in']} -> {e['tokens_out']} | "
+                f"{e['macs_ratio']:.3f} | {e['wall_s']} | {e['export_s']} | "
+                f"{e['onnx_bytes'] / 1e6:.0f} | {e['nodes']} | "
+                f"{'passed' if e['audit_passed'] else 'FAILED'} | "
+                f"{e['parity_max_abs']:.2e} ({'passed' if e['parity_passed'] else 'FAILED'}) | "
+                f"{med} | {sp} |")
+    lines += ["", "Latency: ONNX Runtime CPU, batch 1, the two graphs of a model timed in "
+              "turns (one call each per round), "
+              f"{doc['iterations']} timed calls each after one warm-up."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated aliases")
+    ap.add_argument("--r", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5, help="timed calls per graph")
+    ap.add_argument("--out", type=Path, default=RESULTS / "hf_fullsize_cpu.json")
+    args = ap.parse_args(argv)
+    doc: dict[str, Any] = {**results_header(threads=args.threads), "r": args.r,
+                           "iterations": args.iters, "models": {}}
+    work = Path(tempfile.mkdtemp(prefix="hf-fullsize-"))
+    try:
+        for name in args.models.split(","):
+            extra = MODELS.get(name, [])
+            rec = {"unmerged": export(name, 0.0, extra, work),
+                   "mame": export(name, args.r, extra, work)}
+            print(f"timing {name} on ONNX Runtime CPU ...", file=sys.stderr, flush=True)
+            rec["latency"] = latency({"unmerged": rec["unmerged"]["onnx"],
+                                      "mame": rec["mame"]["onnx"]}, args.threads, args.iters)
+            for key in ("unmerged", "mame"):
+                rec[key]["onnx"] = Path(rec[key]["onnx"]).name
+            doc["models"][name] = rec
+            atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")  # after each model
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    atomic_write_text(args.out.with_suffix(".md"), markdown(doc))
+    print(markdown(doc), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
