@@ -513,3 +513,40 @@ def test_mame_merge_is_the_size_weighted_average_and_mare_puts_positions_back():
     restored = mare_restore_partition(merged, w, part)
     torch.testing.assert_close(restored[:, [0, 2]], merged)
     torch.testing.assert_close(restored[:, 1], 0.25 * merged[:, 0] + 0.75 * merged[:, 1])
+
+
+@pytest.mark.parametrize("na,n_merge,seed", [(1, 1, 0), (7, 3, 1), (16, 0, 2), (16, 16, 3),
+                                             (33, 10, 4)])
+def test_stable_order_puts_merged_then_kept_each_in_original_order(na, n_merge, seed):
+    from mame_export.ops import stable_order
+
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randn(3, na, generator=g)
+    rank = redundancy_ranks(score)
+    p = stable_order(rank, n_merge)
+    assert p.shape == (3, na, na)
+    assert torch.equal(p.sum(1), torch.ones(3, na)) and torch.equal(p.sum(2), torch.ones(3, na))
+    picked = p.argmax(-1)  # row q -> the candidate it selects
+    for b in range(3):
+        merged = [i for i in range(na) if rank[b, i] < n_merge]
+        kept = [i for i in range(na) if rank[b, i] >= n_merge]
+        assert picked[b].tolist() == merged + kept
+
+
+def test_a_near_tie_between_kept_tokens_does_not_change_the_step():
+    # Two kept candidates whose scores swap order (as rounding on another backend can
+    # make them) leave the output exactly as it was: only the merge boundary matters.
+    g = torch.Generator().manual_seed(0)
+    x, k = torch.randn(1, 12, 8, generator=g), torch.randn(1, 12, 8, generator=g)
+    sizes = torch.ones(1, 12, 1)
+    out, s_out, _ = mame_step(x, k, sizes, 9)
+    from mame_export.ops.mame import _merge_selected, _redundancy
+
+    sim, score = _redundancy(k, sizes)
+    rank = redundancy_ranks(score)
+    kept = [i for i in range(score.shape[-1]) if rank[0, i] >= 3]
+    a, b = kept[0], kept[1]
+    swapped = rank.clone()
+    swapped[0, a], swapped[0, b] = rank[0, b], rank[0, a]
+    out2, s_out2, _ = _merge_selected(x, sizes, sim, swapped, 3, 1.0)
+    assert torch.equal(out, out2) and torch.equal(s_out, s_out2)

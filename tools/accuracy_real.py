@@ -52,6 +52,7 @@ from mame_export.artifacts import atomic_write_text  # noqa: E402
 from mame_export.checkpoints import load_checkpoint  # noqa: E402
 from mame_export.families.timm_vit import patch as timm_vit  # noqa: E402
 from mame_export.ops import mame as ops  # noqa: E402
+from mame_export.ops import partition as partition_ops  # noqa: E402
 from mame_export.patch import solve_r  # noqa: E402
 from mame_export.profile import cpu_name  # noqa: E402
 from mame_export.sidecar import versions  # noqa: E402
@@ -99,7 +100,7 @@ def make_views(paths: list[Path], views: int, size: int, seed: int) -> tuple[tor
 def _first_design(x, metric, sizes, n_keep, tau=0.5):
     """The first static design: fixed evenly spread sources, relu(S - 0.5) weights,
     refinement to weights >= the column mean, best-target fallback (mame.md)."""
-    part = ops.partition(x.shape[1], n_keep, x.device)
+    part = partition_ops.partition(x.shape[1], n_keep, x.device)
     if part.n_sources == 0:
         return x, sizes.float(), ()
     k = ops._unit(metric)
@@ -111,7 +112,7 @@ def _first_design(x, metric, sizes, n_keep, tau=0.5):
     zeta = w.sum(dim=-2, keepdim=True) / count.clamp_min(1.0)
     w = ops._normalize_columns(torch.where(w >= zeta * (1 - 1e-6), w, 0.0))
     fallback = ops._normalize_columns((sim == sim.amax(dim=-2, keepdim=True)).float())
-    merged, s = ops.mame_merge(x, sizes, torch.where(count > 0, w, fallback), part)
+    merged, s = partition_ops.mame_merge(x, sizes, torch.where(count > 0, w, fallback), part)
     return merged, s, ()
 
 

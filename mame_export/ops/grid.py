@@ -14,7 +14,8 @@ import functools
 
 import torch
 
-from mame_export.ops.mame import Partition, real_tensors
+from mame_export.ops.mame import real_tensors
+from mame_export.ops.partition import Partition
 
 __all__ = ["grid_partition", "dither_order"]
 

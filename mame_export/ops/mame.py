@@ -36,24 +36,21 @@ import torch
 
 __all__ = [
     "MergeStep",
-    "Partition",
-    "partition",
     "redundancy_ranks",
     "selection_matrix",
+    "stable_order",
     "merge_weights",
     "mame_weights",
     "size_aware_similarity",
-    "mame_merge",
     "mame_step",
     "step_macs",
     "mare_restore",
-    "mare_restore_partition",
     "mame_step_adaptive",
 ]
 
 # Names the merge computation a graph was exported with (recorded in its sidecar): a graph
 # made with another one cannot be compared with this code's eager model.
-MERGE_OP = "data-selected, size-aware (Ward), best target; v2"
+MERGE_OP = "data-selected, size-aware (Ward), best target, order-stable; v3"
 
 # Weights and sizes are computed in float32 whatever the token dtype: the
 # normalisations divide by sums that can be tiny, which fp16 cannot hold.
@@ -164,14 +161,43 @@ def selection_matrix(rank: torch.Tensor, first: int, count: int) -> torch.Tensor
     return (rank[..., None, :] == slots).float()
 
 
+def _before(n: int, device: str) -> torch.Tensor:
+    # [j < i] at (j, i) as float32: x @ before counts, for each i, the marked j ahead of it.
+    idx = torch.arange(n, device=device)
+    return (idx[:, None] < idx[None, :]).float()
+
+
+def _positions(n: int, device: str) -> torch.Tensor:
+    return torch.arange(n, device=device, dtype=torch.float32)
+
+
+def stable_order(rank: torch.Tensor, n_merge: int) -> torch.Tensor:
+    """One-hot permutation (B, Na, Na): rows ``0..n_merge-1`` select the merged candidates
+    (rank < n_merge), the other rows the kept ones, each group in its original order.
+
+    Only which side of the boundary a candidate falls on depends on the scores, not how
+    the scores are ordered within a side: two kept tokens whose scores nearly tie keep
+    their order on every backend, so the next block's even/odd split, and every merge
+    after it, does not depend on rounding. (Kept tokens in rank order made one such
+    near-tie reorder the sequence and change all later merges.) A token's place in its
+    group is a prefix count: one matmul with a constant triangular matrix.
+    """
+    na = rank.shape[-1]
+    merged = (rank < n_merge).float()  # (B, Na)
+    merged_before = merged @ _constant(_before, na, str(rank.device))
+    kept_before = _constant(_positions, na, str(rank.device)) - merged_before
+    place = merged * merged_before + (1.0 - merged) * (n_merge + kept_before)
+    return selection_matrix(place, 0, na)
+
+
 @dataclass(frozen=True)
 class MergeStep:
     """One data-selected step, as :func:`mare_restore` needs it.
 
-    ``order`` (B, Na, Na): the one-hot permutation that sorts the candidates by
-    rank (row q selects the candidate of rank q). ``weights`` (B, Nb, n_merge): where
-    each of the first ``n_merge`` (the merged ones, in rank order) went; every column
-    sums to 1.
+    ``order`` (B, Na, Na): the one-hot permutation of the candidates that puts the
+    merged ones first, then the kept ones, each in its original order
+    (:func:`stable_order`). ``weights`` (B, Nb, n_merge): where each merged candidate
+    (in that order) went; every column sums to 1.
     """
 
     n: int
@@ -223,13 +249,15 @@ def _merge_selected(
     x: torch.Tensor, sizes: torch.Tensor, sim: torch.Tensor, rank: torch.Tensor,
     n_merge: int, tau: float,
 ) -> tuple[torch.Tensor, torch.Tensor, MergeStep]:
-    """Merge the ``n_merge`` lowest-ranked A tokens into B, keep the rest of A.
+    """Merge the ``n_merge`` most redundant A tokens (rank < n_merge) into B, keep the
+    rest of A.
 
-    The candidates are put in rank order by a one-hot permutation matrix (a matmul,
-    an exact copy); the first ``n_merge`` then merge, the rest are kept.
+    A one-hot permutation matrix (a matmul, an exact copy) puts the merged candidates
+    first and the kept ones after them, each group in its original order; the first
+    ``n_merge`` then merge, the rest are kept.
     """
-    n, na = x.shape[1], sim.shape[-1]
-    order = selection_matrix(rank, 0, na)  # (B, Na, Na)
+    n = x.shape[1]
+    order = stable_order(rank, n_merge)  # (B, Na, Na)
     w = merge_weights(sim @ order[:, :n_merge].transpose(-1, -2), tau)  # (B, Nb, n_merge)
     s = sizes.float()
     x_a = order.to(x.dtype) @ x[:, 0::2]
@@ -257,13 +285,13 @@ def _split_counts(n: int, n_keep: int) -> list[int]:
 
 def step_macs(n: int, n_keep: int, channels: int, metric_channels: int) -> int:
     """Multiply-accumulates of :func:`mame_step` per sample (matrix products only): the
-    similarities, the rank-order permutation of the candidates and their sizes, the
+    similarities, the prefix count and the permutation of the candidates and their sizes, the
     merged columns of the similarities, ``W s`` and ``W x``, and between sub-steps
     the metric carried along."""
     macs, counts = 0, _split_counts(n, n_keep)
     for i, m in enumerate(counts):
         na, nb = (n + 1) // 2, n // 2
-        macs += nb * na * metric_channels + na * na * (channels + 1)
+        macs += nb * na * metric_channels + na * na * (channels + 2)  # + the prefix count
         macs += nb * na * m + nb * m * (channels + 1)
         if i + 1 < len(counts):
             macs += na * na * metric_channels + nb * m * metric_channels
@@ -355,96 +383,3 @@ def mame_step_adaptive(
             break
         metric = _carry_metric(metric, step)
     return x, sizes
-
-
-# ---- constant partitions (UNet grids) -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class Partition:
-    """Constant split of N tokens into targets (kept) and sources (merged away).
-
-    ``targets``/``sources`` are index lists into the N tokens, both ascending;
-    ``inverse`` puts ``cat([targets, sources])`` back into the original order.
-    Used where the split is fixed by position (the UNet's 2-D grid).
-    """
-
-    n: int
-    n_keep: int
-    targets: torch.Tensor
-    sources: torch.Tensor
-    inverse: torch.Tensor
-
-    @property
-    def n_sources(self) -> int:
-        return self.n - self.n_keep
-
-
-def _source_positions(n: int, n_src: int) -> list[int]:
-    # Evenly spread: the centre of each of n_src equal slices of [0, n).
-    return [int((j + 0.5) * n / n_src) for j in range(n_src)]
-
-
-@functools.lru_cache(maxsize=512)
-def _partition_lists(n: int, n_keep: int) -> tuple[tuple[int, ...], ...]:
-    """(targets, sources, inverse) as plain index tuples."""
-    n_src = n - n_keep
-    src = _source_positions(n, n_src) if n_src > 0 else []
-    src_set = set(src)
-    tgt = [i for i in range(n) if i not in src_set]
-    inverse = [0] * n
-    for pos, idx in enumerate(tgt + src):
-        inverse[idx] = pos
-    return tuple(tgt), tuple(src), tuple(inverse)
-
-
-@torch.compiler.assume_constant_result
-def _partition_lists_constant(n: int, n_keep: int) -> tuple[tuple[int, ...], ...]:
-    return _partition_lists(n, n_keep)
-
-
-def _as_partition(n: int, n_keep: int, device: str) -> Partition:
-    tgt, src, inverse = _partition_lists_constant(n, n_keep)
-    as_t = functools.partial(torch.tensor, dtype=torch.long, device=device)
-    return Partition(n, n_keep, as_t(tgt), as_t(src), as_t(inverse))
-
-
-@functools.lru_cache(maxsize=512)
-def _partition_cached(n: int, n_keep: int, device: str) -> Partition:
-    with real_tensors(), torch.inference_mode(False):
-        return _as_partition(n, n_keep, device)
-
-
-def partition(n: int, n_keep: int, device: torch.device | str = "cpu") -> Partition:
-    """A constant 1-D partition of ``n`` tokens keeping ``n_keep`` evenly spread targets;
-    cached. Depends on ``(n, n_keep)`` only, never on data."""
-    _check_counts(n, n_keep)
-    device = str(torch.device(device))
-    if torch.compiler.is_compiling():
-        return _as_partition(int(n), int(n_keep), device)
-    return _partition_cached(int(n), int(n_keep), device)
-
-
-def mame_merge(
-    x: torch.Tensor, sizes: torch.Tensor, weights: torch.Tensor, part: Partition
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted, mass-preserving merge of a constant partition's sources into its
-    targets: ``x_t' = (s_t x_t + W (s_s x_s)) / (s_t + W s_s)``, ``s_t' = s_t + W s_s``."""
-    x_t, x_s = x.index_select(1, part.targets), x.index_select(1, part.sources)
-    s = sizes.float()
-    s_t, s_s = s.index_select(1, part.targets), s.index_select(1, part.sources)
-    new_sizes = s_t + weights @ s_s  # (B, Nt, 1)
-    coef_t = (s_t / new_sizes).to(x.dtype)
-    coef_s = (weights * s_s.transpose(-1, -2) / new_sizes).to(x.dtype)
-    return torch.baddbmm(coef_t * x_t, coef_s, x_s), new_sizes
-
-
-def mare_restore_partition(
-    y: torch.Tensor, weights: torch.Tensor, part: Partition
-) -> torch.Tensor:
-    """MaRe for a constant partition: targets take their merged values, source j
-    becomes ``sum_i W_ij y_i``, and the constant inverse permutation puts tokens back."""
-    if part.n_sources == 0:
-        return y
-    sources = weights.transpose(-1, -2).to(y.dtype) @ y
-    return torch.cat([y, sources], dim=1).index_select(1, part.inverse)
