@@ -106,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The native libraries a command loads, imported first with Ctrl-C held: an interrupt
+# that lands inside their C++ initialisation aborts the process ("terminate called after
+# throwing ...") instead of raising; held, it raises right after, as a clean one line.
+NATIVE = ("torch", "timm", "onnx")
+
+
+def _import_native(names: Sequence[str]) -> None:
+    from mame_export.artifacts import signals_deferred
+
+    with signals_deferred():
+        for name in names:
+            importlib.import_module(name)
+
+
 def _raise_interrupted(signum: int, _frame: Any) -> None:
     raise Interrupted(signum)
 
@@ -146,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command is None:
                 parser.print_help(sys.stderr)
                 return 2
+            _import_native(getattr(args, "native", NATIVE))
             return int(args.run(args))
     except UserError as e:
         print(f"mame-export: error: {one_line(str(e))}", file=sys.stderr)

@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tensorrt", dest="tensorrt", action="store_false",
                    help="skip the TensorRT parser pre-flight")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, native=("onnx",))  # no torch: an audit reads the graph only
 
 
 def run(args: argparse.Namespace) -> int:

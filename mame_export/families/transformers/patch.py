@@ -211,6 +211,12 @@ def build_plan(
     if mode == "adaptive":
         notes.append("adaptive mode: token counts shown are the static floor; retained "
                      "distinctive sources add to them at run time")
+    kernel = patch_conv(encoder_of(model)).kernel_size
+    if len(kernel) == 3:  # video: the tokens are tubelets of the clip
+        frames = encoder_of(model).config.num_frames
+        notes.append(f"video: {n0} clip tokens = {frames // kernel[0]} tubelets in time "
+                     f"({frames} frames / {kernel[0]}) x {n0 * kernel[0] // frames} patches "
+                     f"per frame -> {blocks[-1].tokens_out} after merging")
     depth = len(layer_list(encoder_of(model)))
     if layers_run(model) < depth:
         n_out = blocks[-1].tokens_out - arch_of(encoder_of(model)).protected
