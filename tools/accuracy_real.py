@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from mame_export import evaluate as ev  # noqa: E402
 from mame_export.artifacts import atomic_write_text  # noqa: E402
 from mame_export.checkpoints import load_checkpoint  # noqa: E402
+from mame_export.families import tokens  # noqa: E402
 from mame_export.families.timm_vit import patch as timm_vit  # noqa: E402
 from mame_export.ops import mame as ops  # noqa: E402
 from mame_export.ops import partition as partition_ops  # noqa: E402
@@ -169,13 +170,15 @@ STUDY: dict[str, tuple[Callable, float | None]] = {
 
 @contextlib.contextmanager
 def swapped_step(step: Callable | None) -> Iterator[None]:
-    original = timm_vit.mame_step
+    # The patched blocks merge through families.tokens.merge_tokens, which calls the
+    # module's mame_step: a study variant replaces it there for the duration.
+    original = tokens.mame_step
     if step is not None:
-        timm_vit.mame_step = step
+        tokens.mame_step = step
     try:
         yield
     finally:
-        timm_vit.mame_step = original
+        tokens.mame_step = original
 
 
 # ---- probes --------------------------------------------------------------------------
