@@ -69,4 +69,9 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else ".trt-stubs")
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0] or None)
+    ap.add_argument("out_dir", nargs="?", default=".trt-stubs",
+                    help="folder for the stubs (default .trt-stubs)")
+    main(ap.parse_args().out_dir)
