@@ -11,7 +11,7 @@ import os
 import pickle
 import socket
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +43,20 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def cached_hub_file(hub_id: str, filenames: Sequence[str]) -> str | None:
+    """The first of ``filenames`` that the local hub cache holds for ``hub_id``, if any
+    (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for name in filenames:
+        path = try_to_load_from_cache(hub_id, name)
+        if isinstance(path, str):
+            return path
+    return None
 
 
 def warn_random(reason: str) -> None:

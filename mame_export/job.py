@@ -38,7 +38,7 @@ from mame_export.parity import ParityReport, check_parity, tolerance_for
 from mame_export.patch import apply, merge_plan, solve_r
 from mame_export.plan import MergePlan
 from mame_export.request import MAX_BATCH, ExportRequest, check_parity_settings, settings_tag
-from mame_export.runners import Runner, TorchRunner
+from mame_export.runners import Runner
 from mame_export.runners.factory import GRAPH_RUNNERS, check_runner_names, make_runner
 from mame_export.sidecar import MetadataError, metadata, read_sidecar, sidecar_json, versions
 
@@ -149,12 +149,17 @@ def build_patched(
     return spec, model, plan, source
 
 
+def reference_runner(model: nn.Module, io: IOSpec) -> Runner:
+    """What every graph and engine is compared against: the eager model in fp32."""
+    return make_runner("torch", model=model, input_names=io.input_names,
+                       output_names=io.output_names, label="torch-eager-fp32")
+
+
 def select_runners(reference: nn.Module, io: IOSpec, onnx_path: Path,
                    names: Sequence[str] = GRAPH_RUNNERS, trt_options: Any = None,
                    engines_dir: Path = Path("engines")) -> tuple[Runner, list[Runner]]:
     """The fp32 eager reference and the named candidate runners for one graph."""
-    ref = make_runner("torch", model=reference, input_names=io.input_names,
-                      output_names=io.output_names, label="torch-eager-fp32")
+    ref = reference_runner(reference, io)
     cands = [make_runner(n, onnx_path=onnx_path, trt_options=trt_options,
                          engines_dir=engines_dir) for n in check_runner_names(names)]
     return ref, cands
@@ -269,7 +274,7 @@ def build_and_check_engine(req: ExportRequest, model: nn.Module, io: IOSpec, onn
     log("[trt] building the TensorRT engine (strongly typed) ...")
     res = build_engine(onnx_path, req.trt, req.engines_dir, onnx_path.stem)
     log(f"[trt] {'reused' if res.reused else 'built'} {res.plan}")
-    ref = TorchRunner(model, io.input_names, io.output_names, name="torch-eager-fp32")
+    ref = reference_runner(model, io)
     batch = req.trt.opt_batch or 2 if req.dynamic_batch else req.batch
     parity = check_parity(ref, [TrtRunner(res.plan)], feeds_maker(io, batch), req.precision,
                           batches=req.parity_batches, seed=req.seed,

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from mame_export.checkpoints import (
     RANDOM_SOURCE,
+    cached_hub_file,
     hub_reachable,
     load_checkpoint,
     seeded,
@@ -55,20 +56,14 @@ ENTRIES = [
 
 def _cached_hub_file(source_name: str) -> str | None:
     """A locally cached weights file for a timm pretrained tag, if there is one."""
-    try:
-        import timm
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
+    import timm
+
     cfg = timm.models.get_pretrained_cfg(source_name)
     hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     if not hub_id:
         return None
-    for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-        path = try_to_load_from_cache(hub_id, fname)
-        if isinstance(path, str):
-            return path
-    return None
+    return cached_hub_file(hub_id, ("model.safetensors", "pytorch_model.bin",
+                                    "open_clip_pytorch_model.bin"))
 
 
 class TimmViTFamily(Family):

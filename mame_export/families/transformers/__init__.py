@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from mame_export.checkpoints import (
     RANDOM_SOURCE,
+    cached_hub_file,
     hub_reachable,
     load_state,
     read_state_dict,
@@ -92,18 +93,6 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a safetensors / torch file or a ``save_pretrained`` folder strictly."""
     file = _weights_file(Path(path))
     load_state(model, _hf_keys(model, read_state_dict(file)), file)
-
-
-def _cached_hub_file(hub_id: str) -> str | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for name in _WEIGHT_FILES:
-        found = try_to_load_from_cache(hub_id, name)
-        if isinstance(found, str):
-            return found
-    return None
 
 
 def _download(hub_id: str) -> str:
@@ -198,7 +187,7 @@ class TransformersFamily(Family):
         if spec.kwargs.get("config"):
             warn_random(f"{spec.alias} is a resized test model: no pretrained weights fit it")
             return self._wrap(spec, random_model()), RANDOM_SOURCE
-        cached = _cached_hub_file(hub_id)
+        cached = cached_hub_file(hub_id, _WEIGHT_FILES)
         if cached is None and hub_reachable():
             try:
                 cached = _download(hub_id)
