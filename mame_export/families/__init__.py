@@ -67,13 +67,7 @@ def resolve(name: str) -> ModelSpec:
         spec = fam.resolve(name)
         if spec is not None:
             return spec
-    candidates = list(reg)
-    try:
-        import timm
-
-        candidates += timm.list_models()
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
+    candidates = list(reg) + [n for fam in all_families() for n in fam.known_names()]
     close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.5)
     hint = f"; closest: {', '.join(close)}" if close else ""
     raise UnknownModelError(f"unknown model {name!r}{hint} (aliases: {', '.join(reg)})")

@@ -75,6 +75,10 @@ class Family:
         """A spec for a name outside the registry that this family builds, else None."""
         return None
 
+    def known_names(self) -> list[str]:
+        """Names beyond the registry that :meth:`resolve` accepts, for "closest" hints."""
+        return []
+
     def skeleton(self, spec: ModelSpec, img_size: int | None = None) -> nn.Module | None:
         """The model's modules without weights (meta device), or None when that is not
         cheap: lets structure checks run before anything is built or downloaded."""

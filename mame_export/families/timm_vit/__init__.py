@@ -98,6 +98,11 @@ class TimmViTFamily(Family):
             img = int(cfg.input_size[-1])
         return ModelSpec(name, name, NAME, img, f"timm model {name}")
 
+    def known_names(self) -> list[str]:
+        import timm
+
+        return list(timm.list_models())
+
     def _kwargs(self, spec: ModelSpec, img_size: int | None) -> dict[str, Any]:
         kw: dict[str, Any] = dict(spec.kwargs)
         if img_size is not None:
