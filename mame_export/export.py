@@ -18,12 +18,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mame_export import settings
 from mame_export.artifacts import atomic_dir_write, sha256_file
 from mame_export.errors import ExportError, UserError
 
 # Protobuf caps a single serialized model at 2 GiB; above this, weights go to a side file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The torch dtype of each precision name (the names' one home: settings.PRECISIONS).
+DTYPES = dict(zip(settings.PRECISIONS, (torch.float32, torch.float16, torch.bfloat16),
+                  strict=True))
+PRECISIONS = DTYPES  # the earlier name
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,19 @@
 """The main job: model alias -> patched model -> ONNX graph -> audit -> parity -> metadata.
 
-The CLI only parses arguments and prints; everything it does happens here.
+Every command runs on one resolved :class:`~mame_export.request.Job` (checked once, in
+:func:`~mame_export.request.resolve_job`); :func:`build` builds its model and settles
+what needs the model (r solved from a MACs target, the IO spec). The CLI only parses
+arguments and prints; everything it does happens here.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +36,26 @@ from mame_export.artifacts import (
 from mame_export.audit import audit
 from mame_export.checkpoints import state_dict_sha256
 from mame_export.errors import UserError, check_file, warn
-from mame_export.export import PRECISIONS, export_onnx, reduced_precision_copy
-from mame_export.families import IOSpec, ModelSpec, build_model, get_family, resolve
-from mame_export.families.base import UnsupportedModelError, with_kwargs
+from mame_export.export import export_onnx, reduced_precision_copy
+from mame_export.families import IOSpec, ModelSpec, build_model, get_family
 from mame_export.parity import ParityReport, check_parity, tolerance_for
 from mame_export.patch import apply, merge_plan, solve_r
 from mame_export.plan import MergePlan
-from mame_export.request import MAX_BATCH, ExportRequest, check_parity_settings, settings_tag
+from mame_export.request import (
+    MAX_BATCH,
+    ExportRequest,
+    Job,
+    check_parity_settings,
+    request_spec,
+    resolve_job,
+    settings_tag,
+)
 from mame_export.runners import Runner
 from mame_export.runners.factory import GRAPH_RUNNERS, check_runner_names, make_runner
 from mame_export.sidecar import MetadataError, metadata, read_sidecar, sidecar_json, versions
 
-__all__ = ["ExportRequest", "build_patched", "parity_for_graph", "run_export", "versions"]
+__all__ = ["Built", "ExportRequest", "Job", "build", "build_model", "build_patched",
+           "parity_for_graph", "request_spec", "resolve_job", "run_export", "versions"]
 
 Log = Callable[[str], None]
 
@@ -51,11 +64,11 @@ def stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def graph_stem(spec: ModelSpec, req: ExportRequest) -> str:
+def graph_stem(spec: ModelSpec, job: Job | ExportRequest) -> str:
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", spec.alias)
-    batch = "bdyn" if req.dynamic_batch else f"b{req.batch}"
-    img = f"_{req.img_size}px" if req.img_size and req.img_size != spec.img_size else ""
-    return f"{name}_r{req.r:g}{img}_{batch}_{req.precision}_{settings_tag(req)}"
+    batch = "bdyn" if job.dynamic_batch else f"b{job.batch}"
+    img = f"_{job.img_size}px" if job.img_size and job.img_size != spec.img_size else ""
+    return f"{name}_r{job.r:g}{img}_{batch}_{job.precision}_{settings_tag(job)}"
 
 
 def check_destination(out_dir: Path, stem: str) -> None:
@@ -71,7 +84,7 @@ def io_spec(spec: ModelSpec, model: nn.Module, img_size: int | None) -> IOSpec:
     return get_family(spec.family).io_spec(spec, model, img_size)
 
 
-def tolerance(req: ExportRequest, io: IOSpec, model: nn.Module) -> Any:
+def tolerance(req: Job | ExportRequest, io: IOSpec, model: nn.Module) -> Any:
     """The parity tolerance of this graph: its precision, whether its model selects tokens
     by data (a plan that merges), and whether its outputs are class scores."""
     plan = getattr(model, "_mame_plan", None)
@@ -79,74 +92,84 @@ def tolerance(req: ExportRequest, io: IOSpec, model: nn.Module) -> Any:
     return tolerance_for(req.precision, merged, class_scores=io.class_scores)
 
 
-def request_spec(req: ExportRequest, spec: ModelSpec) -> ModelSpec:
-    """``spec`` with the request's family-specific variant (``--llava``) applied."""
-    if not req.llava:
-        return spec
-    if "llava" not in get_family(spec.family).capabilities:
-        raise UnsupportedModelError(f"--llava needs a LLaVA vision encoder (clip_l336); "
-                                    f"{spec.alias} is a {spec.family} model")
-    return with_kwargs(spec, spec.alias, llava=True)
+def feeds_maker(io: IOSpec, batch: int | Sequence[int]):
+    """Fresh random float32 inputs per call (runners cast to their own precision); with
+    several batch sizes, the calls take them in turn."""
+    sizes = [batch] if isinstance(batch, int) else list(batch)
+    calls = [0]
 
-
-def feeds_maker(io: IOSpec, batch: int):
-    """Fresh random float32 inputs per call; runners cast to their own precision."""
     def make(rng: np.random.Generator) -> dict[str, np.ndarray]:
+        b = sizes[calls[0] % len(sizes)]
+        calls[0] += 1
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        arrays = io.make_inputs(batch, gen)
+        arrays = io.make_inputs(b, gen)
         return {n: a.numpy() for n, a in zip(io.input_names, arrays, strict=True)}
 
     return make
 
 
-def preflight(spec: ModelSpec, req: ExportRequest, export: bool) -> None:
-    """What can be refused from the model's structure alone, refused in a moment and
-    before any weights are built, read or downloaded: other families and blocks, hybrid
-    ViTs for export, input sizes off the patch grid, layers out of range."""
-    family = get_family(spec.family)
-    skel = family.skeleton(spec)
-    if skel is None:
-        return
-    family.check(skel, spec.alias, req.img_size, export)
-    if req.img_size is not None:
-        skel = family.skeleton(spec, req.img_size)
-        if skel is None:
-            return
-    try:
-        apply(skel, req.r if req.target_macs is None else 0.0, tau=req.tau,
-              layers=req.layers, prop_attn=req.prop_attn, mode=req.mode,
-              **family.patch_options(spec, req.img_size))
-    except (ValueError, TypeError) as e:
-        raise UserError(str(e)) from None
+@dataclass(frozen=True)
+class Built:
+    """A job's model, built: the job with its solved rs and IO spec, the model (patched at
+    ``job.r`` unless built with ``patch=False``), its plan and its weights' source."""
+
+    job: Job
+    model: nn.Module
+    plan: MergePlan | None
+    source: str
 
 
-def build_patched(
-    req: ExportRequest, log: Log = stderr_log, export: bool = False,
-    spec: ModelSpec | None = None,
-) -> tuple[ModelSpec, nn.Module, MergePlan, str]:
-    """Build ``req``'s model and patch it at ``req.r`` (solved from ``req.target_macs``
-    when given); ``spec`` overrides the registry's entry for ``req.model``."""
-    spec = request_spec(req, spec or resolve(req.model))
-    family = get_family(spec.family)
-    preflight(spec, req, export)
-    log(f"[1/5] building {spec.alias} ({spec.source_name}), weights: {req.weights}")
-    model, source = build_model(spec, req.weights, req.img_size)
-    family.check(model, spec.alias, req.img_size, export)
-    settings = dict(tau=req.tau, layers=req.layers, prop_attn=req.prop_attn, mode=req.mode,
-                    **family.patch_options(spec, req.img_size))
+def solve_rs(job: Job, model: nn.Module, log: Log) -> list[float]:
+    """The smallest r reaching each of ``job.target_macs`` (plans do not depend on weight
+    values: solved on the weightless skeleton where the family has one)."""
+    base = job.family.skeleton(job.spec, job.img_size) or copy.deepcopy(model)
+    rs = []
+    for target in job.target_macs or ():
+        try:
+            r = solve_r(base, target, **job.patch_settings())
+        except (ValueError, TypeError) as e:
+            raise UserError(str(e)) from None
+        log(f"      MACs ratio {target:g} -> r = {r:g}")
+        rs.append(r)
+    return rs
+
+
+def build(job: Job, log: Log = stderr_log, patch: bool = True) -> Built:
+    """Build ``job``'s model and settle what needs it; patch it at ``job.r`` unless
+    ``patch=False`` (eval and profile patch their own copies per variant)."""
+    spec = job.spec
+    log(f"[1/5] building {spec.alias} ({spec.source_name}), weights: {job.weights}")
+    model, source = job.family.build(spec, job.weights, job.img_size)
+    job.family.check(model, spec.alias, job.img_size, job.export)
+    if job.target_macs is not None and not job.solved:
+        job = job.with_model(rs=solve_rs(job, model, log))
+    job = job.with_model(io=job.family.io_spec(spec, model, job.img_size))
+    if not patch:
+        return Built(job, model, None, source)
     try:
-        if req.target_macs is not None:
-            req.r = solve_r(model, req.target_macs, **settings)
-            log(f"      MACs ratio {req.target_macs:g} -> r = {req.r:g}")
-        model = apply(model, req.r, **settings)  # type: ignore[arg-type]
+        model = apply(model, job.r, **job.patch_settings())
     except (ValueError, TypeError) as e:  # layers out of range, a family MaMe lacks, ...
         raise UserError(str(e)) from None
     plan = merge_plan(model)
-    if req.r > 0 and not plan.merge_layers:
-        warn(f"r={req.r:g} has no effect here: {plan.num_patches} patch token(s) in "
+    if job.r > 0 and not plan.merge_layers:
+        warn(f"r={job.r:g} has no effect here: {plan.num_patches} patch token(s) in "
              f"{len(plan.blocks)} blocks leave nothing to merge at this input size and these "
              "layers, so the model runs unmerged")
-    return spec, model, plan, source
+    return Built(job, model, plan, source)
+
+
+def build_patched(
+    req: ExportRequest | Job, log: Log = stderr_log, export: bool = False,
+    spec: ModelSpec | None = None,
+) -> tuple[ModelSpec, nn.Module, MergePlan, str]:
+    """Build ``req``'s model and patch it at its r (solved from its MACs target when
+    given; a request's ``r`` is updated to it); ``spec`` overrides the registry's entry."""
+    job = req if isinstance(req, Job) else resolve_job(req, export=export, spec=spec)
+    built = build(job, log)
+    if isinstance(req, ExportRequest):
+        req.r = built.job.r
+    assert built.plan is not None
+    return built.job.spec, built.model, built.plan, built.source
 
 
 def reference_runner(model: nn.Module, io: IOSpec) -> Runner:
@@ -165,87 +188,100 @@ def select_runners(reference: nn.Module, io: IOSpec, onnx_path: Path,
     return ref, cands
 
 
-def run_export(req: ExportRequest, log: Log = stderr_log,
+def run_export(req: ExportRequest | Job, log: Log = stderr_log,
                spec: ModelSpec | None = None) -> dict[str, Any]:
     """Build, patch, export, audit and check one graph; returns its metadata.
 
-    The metadata's ``ok`` is True only if the audit found nothing and parity
-    passed on at least one runner.
+    ``req``: a request (resolved here) or a resolved job. The metadata's ``ok`` is True
+    only if the audit found nothing and parity passed on at least one runner.
 
     The graph and its sidecar are written, audited and checked in a folder of this run's
-    own inside ``req.out_dir``, then moved into place together (all or nothing, with
+    own inside the output folder, then moved into place together (all or nothing, with
     signals held and the folder locked), so a reader never sees a graph without its
     matching sidecar, and two runs never check each other's files. A run that fails
     leaves the folder as it was (and removes it if it made it).
     """
-    req.validate()
-    spec = request_spec(req, spec or resolve(req.model))
-    if req.batch is None:
-        req.batch = spec.default_batch
-    check_out_dir(req.out_dir)
-    if req.target_macs is None:
-        check_destination(req.out_dir, graph_stem(spec, req))
-    spec, model, plan, source = build_patched(req, log, export=True, spec=spec)
+    job = req if isinstance(req, Job) else resolve_job(req, export=True, spec=spec)
+    check_out_dir(job.out_dir)
+    if job.target_macs is None:
+        check_destination(job.out_dir, graph_stem(job.spec, job))
+    built = build(job, log)
+    job, model, plan = built.job, built.model, built.plan
+    assert plan is not None and job.io is not None
+    if isinstance(req, ExportRequest):
+        req.r = job.r
     log(plan.table())
-    io = io_spec(spec, model, req.img_size)
-    stem = graph_stem(spec, req)
-    check_destination(req.out_dir, stem)
-    onnx_path = req.out_dir / f"{stem}.onnx"
-    meta_path = req.out_dir / f"{stem}.json"
+    stem = graph_stem(job.spec, job)
+    check_destination(job.out_dir, stem)
+    onnx_path = job.out_dir / f"{stem}.onnx"
+    meta_path = job.out_dir / f"{stem}.json"
 
-    created = make_dirs(req.out_dir)
+    created = make_dirs(job.out_dir)
     try:
-        clean_stale_dirs(req.out_dir, (".tmp-",))  # .tmp-mame-PID-*, and older .tmp-*
-        with private_dir(req.out_dir) as tmp:
-            meta = _export_in(tmp, req, spec, model, plan, source, io, stem, log)
+        clean_stale_dirs(job.out_dir, (".tmp-",))  # this toolkit's .tmp-mame-PID-* only
+        with private_dir(job.out_dir) as tmp:
+            meta = _export_in(tmp, built, stem, log)
             meta["onnx"] = str(onnx_path)
             atomic_write_text(tmp / meta_path.name, sidecar_json(meta))
             names = sorted((f.name for f in tmp.iterdir() if not f.name.startswith(".")),
                            key=lambda n: (n.endswith(".onnx"), n.endswith(".json"), n))
-            commit_files(tmp, req.out_dir, names)  # data files, then sidecar, graph last
+            commit_files(tmp, job.out_dir, names)  # data files, then sidecar, graph last
     except BaseException:
         remove_dirs(created)
         raise
     meta["metadata_path"] = str(meta_path)
     log(f"[5/5] wrote {onnx_path} and {meta_path}")
-    if req.trt is not None and meta["ok"]:
-        meta["engine"] = build_and_check_engine(req, model, io, onnx_path, log)
+    if job.trt is not None and meta["ok"]:
+        meta["engine"] = build_and_check_engine(job, model, job.io, onnx_path, log)
         meta["ok"] = meta["engine"]["parity"]["passed"]
         update_sidecar(meta_path, onnx_path, {k: v for k, v in meta.items()
                                               if k != "metadata_path"})
     return meta
 
 
-def _export_in(tmp: Path, req: ExportRequest, spec: ModelSpec, model: nn.Module,
-               plan: MergePlan, source: str, io: IOSpec, stem: str, log: Log) -> dict[str, Any]:
+def export_example(job: Job) -> tuple[torch.Tensor, ...]:
+    """The inputs the exporter traces with, in the graph's precision. A dynamic-batch
+    graph is traced at batch 2: at batch 1 the exporter specialises the axis to 1."""
+    assert job.io is not None
+    batch = 2 if job.dynamic_batch else job.batch
+    return tuple(t.to(job.dtype) if t.is_floating_point() else t
+                 for t in job.io.make_inputs(batch, torch.Generator().manual_seed(0)))
+
+
+def _export_in(tmp: Path, built: Built, stem: str, log: Log) -> dict[str, Any]:
     """Export, audit and check the graph inside the private folder ``tmp``."""
-    dtype = PRECISIONS[req.precision]
+    job, model, plan = built.job, built.model, built.plan
+    io = job.io
+    assert io is not None and plan is not None
     graph = tmp / f"{stem}.onnx"
-    export_model = model if dtype == torch.float32 else reduced_precision_copy(model, dtype)
-    example = tuple(t.to(dtype) if t.is_floating_point() else t
-                    for t in io.make_inputs(req.batch, torch.Generator().manual_seed(0)))
-    log(f"[2/5] exporting to ONNX (opset {req.opset}, {req.precision}, "
-        f"batch {'dynamic' if req.dynamic_batch else req.batch}) ...")
+    export_model = (model if job.dtype == torch.float32
+                    else reduced_precision_copy(model, job.dtype))
+    example = export_example(job)
+    log(f"[2/5] exporting to ONNX (opset {job.opset}, {job.precision}, "
+        f"batch {'dynamic' if job.dynamic_batch else job.batch}) ...")
     result = export_onnx(export_model, example, graph, input_names=io.input_names,
-                         output_names=io.output_names, dynamic_batch=req.dynamic_batch,
-                         opset=req.opset, max_batch=MAX_BATCH)
+                         output_names=io.output_names, dynamic_batch=job.dynamic_batch,
+                         opset=job.opset, max_batch=MAX_BATCH)
     del export_model
     log(f"      wrote {stem}.onnx ({result.bytes / 1e6:.1f} MB"
         f"{', external data' if result.external_data else ''}) in {result.seconds:.1f} s")
 
     log("[3/5] auditing the graph ...")
-    report = audit(graph)
+    report = audit(graph, expect_dynamic_batch=job.dynamic_batch)
     log(report.summary())
 
-    log(f"[4/5] parity vs eager PyTorch (fp32) on {req.parity_batches} fresh random batches ...")
-    ref, cands = select_runners(model, io, graph, req.runners, req.trt, req.engines_dir)
-    parity_batch = 2 if req.dynamic_batch else req.batch
-    parity = check_parity(ref, cands, feeds_maker(io, parity_batch), req.precision,
-                          batches=req.parity_batches, seed=req.seed,
-                          tolerance=tolerance(req, io, model))
+    sizes = job.parity_batch_sizes()
+    at = f" at batch {', '.join(map(str, sizes))} in turn" if job.dynamic_batch else ""
+    log(f"[4/5] parity vs eager PyTorch (fp32) on {job.parity_batches} fresh random "
+        f"batches{at} ...")
+    ref, cands = select_runners(model, io, graph, job.runners, job.trt, job.engines_dir)
+    parity = check_parity(ref, cands, feeds_maker(io, sizes), job.precision,
+                          batches=max(job.parity_batches, len(sizes)), seed=job.seed,
+                          tolerance=tolerance(job, io, model))
     log(parity.summary())
 
-    meta = metadata(req, spec, plan, source, result, report.to_dict(), parity, io, example)
+    meta = metadata(job, job.spec, plan, built.source, result, report.to_dict(), parity, io,
+                    example)
     meta["weights_sha256"] = state_dict_sha256(model)
     return meta
 
@@ -314,3 +350,10 @@ def parity_for_graph(graph: Path, runners: list[str], batches: int, seed: int | 
     batch = 2 if req.dynamic_batch else req.batch
     return check_parity(ref, cands, feeds_maker(io, batch), req.precision, batches=batches,
                         seed=seed, tolerance=tolerance(req, io, model))
+
+
+def preflight(spec: ModelSpec, req: ExportRequest, export: bool) -> None:
+    """The structure checks of :func:`~mame_export.request.preflight` for ``spec``."""
+    from mame_export.request import preflight as check_structure
+
+    check_structure(spec, get_family(spec.family), req, export)

@@ -1,31 +1,39 @@
-"""An export request: every setting that decides a graph, checked before any work."""
+"""What a command asks for, and the one resolved job every command runs on.
+
+:class:`ExportRequest` holds the settings as the user gave them (the CLI's flags, the
+Python API's arguments, a graph's sidecar). :func:`resolve_job` turns it into a frozen
+:class:`Job`, checked once, at the edge: the model spec (with ``--llava`` applied) and
+its family, the mode's tau, the default batch, the precision's dtype, the engine
+options, and what the model's structure refuses at this input size (before any weights
+are built, read or downloaded). Building the model (``mame_export.job.build``) then
+fills in what needs the model: r solved from a MACs target, and the IO spec. Export,
+plan, eval, profile and parity all take that job; nothing after it re-validates.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mame_export import settings
 from mame_export.errors import UserError
-from mame_export.export import PRECISIONS
-from mame_export.patch import DEFAULT_TAU
-from mame_export.plan import check_ratio, check_target_macs, check_tau
+from mame_export.families import Family, IOSpec, ModelSpec, get_family, resolve
+from mame_export.families.base import UnsupportedModelError, with_kwargs
+from mame_export.patch import DEFAULT_TAU, MODES, apply
+from mame_export.settings import MAX_BATCH, OPSETS  # noqa: F401 - re-exported
 
-# Limits checked before any work starts.
-MAX_BATCH = 4096  # also the dynamic batch axis's upper bound in the graph
-MAX_PARITY_BATCHES = 1000
-MAX_SEED = 2**63 - 1
-# The opsets every export is tested at (tests/test_reliability.py exports each): the
-# dynamo exporter writes 18 and converts up; 17 cannot be written, and at 23 it emits
-# the ONNX Attention op, whose mask ONNX Runtime's CPU provider rejects.
-OPSETS = (18, 22)
+# The batch sizes a dynamic-batch graph is checked at (parity), besides its largest one.
+DYNAMIC_PARITY_BATCHES = (1, 3)
+DEFAULT_DYNAMIC_MAX_BATCH = 8  # the largest batch checked when --max-batch is not given
 
 
 @dataclass
 class ExportRequest:
-    """Everything that decides an export; recorded verbatim in the metadata."""
+    """Everything that decides an export, as given; see :func:`resolve_job`."""
 
     model: str
     r: float = 0.5
@@ -52,66 +60,209 @@ class ExportRequest:
         """One-line UserErrors for bad settings, before any work; ``export=False`` allows
         adaptive mode (a plan or an eager run, not a graph); ``check_opset=False`` accepts
         any recorded opset (a graph's sidecar: parity does not export)."""
-        try:
-            check_ratio(self.r)
-            if self.tau is not None:
-                check_tau(self.tau)
-            if self.target_macs is not None:
-                check_target_macs(self.target_macs)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if self.mode not in ("static", "adaptive"):
-            raise UserError(f"--mode must be static or adaptive; got {self.mode!r}")
-        if export and self.mode != "static":
-            raise UserError(
-                f"mode {self.mode!r} cannot be exported: adaptive MaMe has data-dependent token "
-                "counts (eager only); export with --mode static"
-            )
-        # (An empty list is the library's "no merge block"; the CLI refuses an empty --layers.)
-        if self.layers is not None and any(not _is_int(i) or i < 0 for i in self.layers):
-            raise UserError(f"--layers must be block indices >= 0; got {self.layers}")
-        if self.batch is not None and not (_is_int(self.batch) and 1 <= self.batch <= MAX_BATCH):
-            raise UserError(f"--batch must be in [1, {MAX_BATCH}]; got {self.batch}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
-        if check_opset and not (_is_int(self.opset) and OPSETS[0] <= self.opset <= OPSETS[1]):
-            raise UserError(f"--opset must be in [{OPSETS[0]}, {OPSETS[1]}] (the opsets "
-                            f"mame-export exports and tests); got {self.opset}")
-        if self.img_size is not None and not (_is_int(self.img_size) and self.img_size >= 1):
-            raise UserError(f"--img-size must be positive; got {self.img_size}")
-        check_parity_settings(self.parity_batches, self.seed)
-        if self.trt is not None:
-            self.trt.validate()
-            if self.trt.precision != self.precision:
-                raise UserError("engine and graph precision must match (strongly typed engines)")
-            for flag, v in (("--min-batch", self.trt.min_batch), ("--opt-batch",
-                            self.trt.opt_batch), ("--max-batch", self.trt.max_batch)):
-                if v is not None and v > MAX_BATCH:
-                    raise UserError(f"{flag} must be at most {MAX_BATCH}; got {v}")
+        check_settings(self, export=export, check_opset=check_opset)
+
+    def resolve(self, export: bool = True, spec: ModelSpec | None = None) -> Job:
+        return resolve_job(self, export=export, spec=spec)
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+@dataclass(frozen=True)
+class Job:
+    """One resolved, validated job (see the module docstring). Immutable: a stage that
+    learns more (the solved r, the IO spec) makes a new one with :meth:`with_model`."""
+
+    model: str  # the name as given (an alias or a family's own name)
+    spec: ModelSpec  # the registry entry, ``--llava`` applied
+    family: Family
+    rs: tuple[float, ...]  # the merge ratios (export and plan: one)
+    target_macs: tuple[float, ...] | None  # solve rs for these MACs ratios instead
+    tau: float  # the mode's default filled in
+    layers: tuple[int, ...] | None
+    prop_attn: bool
+    mode: str
+    batch: int  # the spec's default filled in
+    dynamic_batch: bool
+    img_size: int | None  # as asked (None: the model's own)
+    weights: str
+    precision: str
+    opset: int
+    out_dir: Path
+    parity_batches: int
+    seed: int | None
+    runners: tuple[str, ...]
+    trt: Any  # EngineOptions or None
+    engines_dir: Path
+    llava: bool
+    export: bool  # a graph will be made (adaptive mode refused, exportable structure)
+    io: IOSpec | None = field(default=None, compare=False)  # known once the model is built
+    solved: bool = False  # rs come from target_macs and were solved on the model
+
+    @property
+    def r(self) -> float:
+        return self.rs[0]
+
+    @property
+    def model_name(self) -> str:
+        return self.spec.alias
+
+    @property
+    def size(self) -> int:
+        """The input size the model runs at (pixels, or latent cells for UNets)."""
+        return self.img_size or self.spec.img_size
+
+    @property
+    def dtype(self) -> Any:
+        from mame_export.export import DTYPES
+
+        return DTYPES[self.precision]
+
+    def patch_settings(self) -> dict[str, Any]:
+        """The keyword arguments of ``mame_export.apply`` for this job (r aside)."""
+        return dict(tau=self.tau, layers=None if self.layers is None else list(self.layers),
+                    prop_attn=self.prop_attn, mode=self.mode,
+                    **self.family.patch_options(self.spec, self.img_size))
+
+    def parity_batch_sizes(self) -> tuple[int, ...]:
+        """The batch of each parity input set: the static batch, or, for a dynamic-batch
+        graph, 1, 3 and its largest checked batch in turn."""
+        if not self.dynamic_batch:
+            return (self.batch,)
+        top = (self.trt.max_batch if self.trt is not None and self.trt.max_batch
+               else DEFAULT_DYNAMIC_MAX_BATCH)
+        return tuple(dict.fromkeys((*DYNAMIC_PARITY_BATCHES, top)))
+
+    def with_model(self, rs: Sequence[float] | None = None, io: IOSpec | None = None) -> Job:
+        """This job with what building the model settled: solved rs and the IO spec."""
+        return replace(self, rs=tuple(rs) if rs is not None else self.rs,
+                       solved=self.solved or rs is not None, io=io or self.io)
+
+    def as_request(self) -> ExportRequest:
+        """The settings as a request (what a sidecar records and parity rebuilds from)."""
+        return ExportRequest(
+            model=self.model, r=self.r,
+            target_macs=None, tau=self.tau,
+            layers=None if self.layers is None else list(self.layers), mode=self.mode,
+            prop_attn=self.prop_attn, batch=self.batch, dynamic_batch=self.dynamic_batch,
+            img_size=self.img_size, weights=self.weights, opset=self.opset,
+            precision=self.precision, out_dir=self.out_dir,
+            parity_batches=self.parity_batches, seed=self.seed, runners=self.runners,
+            llava=self.llava, trt=self.trt, engines_dir=self.engines_dir)
+
+
+def check_settings(req: ExportRequest, export: bool = True, check_opset: bool = True) -> None:
+    """Every setting of ``req`` against its one check in :mod:`mame_export.settings`."""
+    settings.check_r(req.r)
+    if req.tau is not None:
+        settings.check_tau(req.tau)
+    if req.target_macs is not None:
+        settings.check_target_macs(req.target_macs)
+    if req.mode not in MODES:
+        raise UserError(f"--mode must be one of {', '.join(MODES)}; got {req.mode!r}")
+    if export and req.mode != "static":
+        raise UserError(
+            f"mode {req.mode!r} cannot be exported: adaptive MaMe has data-dependent token "
+            "counts (eager only); export with --mode static"
+        )
+    # (An empty list is the library's "no merge block"; the CLI refuses an empty --layers.)
+    if req.layers is not None and any(not settings.is_int(i) or i < 0 for i in req.layers):
+        raise UserError(f"--layers must be block indices >= 0; got {req.layers}")
+    if req.batch is not None:
+        settings.check_batch(req.batch)
+    settings.check_precision(req.precision)
+    if check_opset:
+        settings.check_opset(req.opset)
+    settings.check_positive_size(req.img_size)
+    check_parity_settings(req.parity_batches, req.seed)
+    if req.trt is not None:
+        req.trt.validate()
+        if req.trt.precision != req.precision:
+            raise UserError("engine and graph precision must match (strongly typed engines)")
+        for flag, v in (("--min-batch", req.trt.min_batch), ("--opt-batch",
+                        req.trt.opt_batch), ("--max-batch", req.trt.max_batch)):
+            if v is not None:
+                settings.check_batch(v, flag)
 
 
 def check_parity_settings(batches: int, seed: int | None) -> None:
     """One-line UserErrors for parity settings out of range (checked before any work)."""
-    if not (_is_int(batches) and 1 <= batches <= MAX_PARITY_BATCHES):
-        raise UserError(f"--parity-batches must be in [1, {MAX_PARITY_BATCHES}]; got {batches}")
-    if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):
-        raise UserError(f"--seed must be in [0, 2**63 - 1]; got {seed}")
+    settings.check_parity_batches(batches)
+    settings.check_seed(seed)
 
 
-def settings_tag(req: ExportRequest) -> str:
+def request_spec(req: ExportRequest, spec: ModelSpec) -> ModelSpec:
+    """``spec`` with the request's family-specific variant (``--llava``) applied."""
+    if not req.llava:
+        return spec
+    if "llava" not in get_family(spec.family).capabilities:
+        raise UnsupportedModelError(f"--llava needs a LLaVA vision encoder (clip_l336); "
+                                    f"{spec.alias} is a {spec.family} model")
+    return with_kwargs(spec, spec.alias, llava=True)
+
+
+def preflight(spec: ModelSpec, family: Family, req: ExportRequest, export: bool) -> None:
+    """What can be refused from the model's structure alone, refused in a moment and
+    before any weights are built, read or downloaded: other families and blocks, hybrid
+    ViTs for export, input sizes off the patch grid or too large, layers out of range."""
+    skel = family.skeleton(spec)
+    if skel is None:
+        return
+    family.check(skel, spec.alias, req.img_size, export)
+    if req.img_size is not None:
+        skel = family.skeleton(spec, req.img_size)
+        if skel is None:
+            return
+    try:
+        apply(skel, req.r if req.target_macs is None else 0.0, tau=req.tau,
+              layers=req.layers, prop_attn=req.prop_attn, mode=req.mode,
+              **family.patch_options(spec, req.img_size))
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+
+
+def resolve_job(req: ExportRequest, export: bool = True, spec: ModelSpec | None = None,
+                rs: Sequence[float] | None = None,
+                target_macs: Sequence[float] | None = None) -> Job:
+    """Check ``req`` once and resolve it into a :class:`Job` (see the module docstring).
+
+    ``spec`` overrides the registry's entry for ``req.model`` (tests' tiny models);
+    ``rs`` / ``target_macs``: several ratios (eval, profile) instead of ``req.r`` /
+    ``req.target_macs``."""
+    if rs is not None:
+        rs = settings.check_rs(rs)
+    if target_macs is not None:
+        if not target_macs:
+            raise UserError("--target-macs needs at least one value, e.g. --target-macs 0.5")
+        target_macs = [settings.check_target_macs(t) for t in target_macs]
+    check_settings(req, export=export)
+    spec = request_spec(req, spec or resolve(req.model))
+    family = get_family(spec.family)
+    preflight(spec, family, req, export)
+    targets = (tuple(target_macs) if target_macs is not None
+               else (req.target_macs,) if req.target_macs is not None else None)
+    return Job(
+        model=req.model, spec=spec, family=family, rs=tuple(rs) if rs is not None else (float(req.r),),
+        target_macs=targets,
+        tau=DEFAULT_TAU[req.mode] if req.tau is None else float(req.tau),
+        layers=None if req.layers is None else tuple(sorted(set(req.layers))),
+        prop_attn=bool(req.prop_attn), mode=req.mode,
+        batch=req.batch if req.batch is not None else spec.default_batch,
+        dynamic_batch=bool(req.dynamic_batch), img_size=req.img_size, weights=req.weights,
+        precision=req.precision, opset=req.opset, out_dir=Path(req.out_dir),
+        parity_batches=req.parity_batches, seed=req.seed, runners=tuple(req.runners),
+        trt=req.trt, engines_dir=Path(req.engines_dir), llava=bool(req.llava), export=export,
+    )
+
+
+def settings_tag(job: Job | ExportRequest) -> str:
     """8 hex digits naming every setting that changes the graph but is not spelled out in
     its file name (tau, layers, proportional attention, mode, weights, opset): two exports
     that differ in any of them never share a file."""
-    tau = DEFAULT_TAU.get(req.mode, 1.0) if req.tau is None else req.tau
-    weights = req.weights if req.weights in ("auto", "random") else \
-        str(Path(req.weights).resolve())
-    key = {"tau": float(tau), "layers": sorted(set(req.layers)) if req.layers else "default",
-           "prop_attn": bool(req.prop_attn), "mode": req.mode, "weights": weights,
-           "opset": req.opset}
-    if req.llava:  # only when set, so the names of earlier graphs stay the same
+    tau = DEFAULT_TAU.get(job.mode, 1.0) if job.tau is None else job.tau
+    weights = job.weights if job.weights in ("auto", "random") else \
+        str(Path(job.weights).resolve())
+    key = {"tau": float(tau), "layers": sorted(set(job.layers)) if job.layers else "default",
+           "prop_attn": bool(job.prop_attn), "mode": job.mode, "weights": weights,
+           "opset": job.opset}
+    if job.llava:  # only when set, so the names of earlier graphs stay the same
         key["llava"] = True
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]

@@ -17,7 +17,7 @@ from mame_export.families import IOSpec, ModelSpec
 from mame_export.jsonsafe import json_safe
 from mame_export.ops.mame import MERGE_OP
 from mame_export.plan import MergePlan
-from mame_export.request import ExportRequest
+from mame_export.request import ExportRequest, Job
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +34,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def metadata(req: ExportRequest, spec: ModelSpec, plan: MergePlan, source: str, result: Any,
+def metadata(req: Job | ExportRequest, spec: ModelSpec, plan: MergePlan, source: str, result: Any,
              audit_dict: dict[str, Any], parity: Any, io: IOSpec,
              example: tuple[torch.Tensor, ...]) -> dict[str, Any]:
     batch: Any = "dynamic" if req.dynamic_batch else req.batch

@@ -21,14 +21,14 @@ MAX_LINES = 450
 
 # Bottom to top: alias -> model -> patch -> graph -> audit -> engine -> parity and latency.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "jsonsafe", "artifacts"),
+    ("errors", "jsonsafe", "settings", "artifacts"),
     ("ops", "plan", "graph", "checkpoints"),
     ("families",),  # the registry, each family's model, patch and checks
     ("patch", "baselines"),  # the library entry point (apply, merge_plan), the ToMe baseline
     ("export", "trt.detect", "trt.support", "runners"),
     # runners.factory makes any runner by name, the TensorRT ones included
-    ("audit", "trt.engine", "trt.runner", "trt", "runners.factory", "parity", "evaluate"),
-    ("request", "sidecar", "profile"),
+    ("audit", "trt.engine", "trt.runner", "trt", "runners.factory", "parity"),
+    ("request", "sidecar", "profile", "evaluate"),
     ("job",),
     ("cli", "__main__", ""),  # "" is the package's own __init__ (lazy exports)
 )

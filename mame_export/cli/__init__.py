@@ -109,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 # The native libraries a command loads, imported first with Ctrl-C held: an interrupt
 # that lands inside their C++ initialisation aborts the process ("terminate called after
 # throwing ...") instead of raising; held, it raises right after, as a clean one line.
-NATIVE = ("torch", "timm", "onnx")
+# onnxruntime too: a SIGTERM that landed in its import was once swallowed, and the run went
+# on to report "onnxruntime is not installed". Optional ones may be missing.
+NATIVE = ("torch", "timm", "onnx", "onnxruntime")
+OPTIONAL_NATIVE = frozenset({"onnxruntime"})
 
 
 def _import_native(names: Sequence[str]) -> None:
@@ -117,7 +120,11 @@ def _import_native(names: Sequence[str]) -> None:
 
     with signals_deferred():
         for name in names:
-            importlib.import_module(name)
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                if name not in OPTIONAL_NATIVE:
+                    raise
 
 
 def _raise_interrupted(signum: int, _frame: Any) -> None:

@@ -7,8 +7,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mame_export.settings import PRECISIONS
+
 if TYPE_CHECKING:  # the job module imports torch: it loads when a command runs
-    from mame_export.request import ExportRequest
+    from mame_export.request import ExportRequest, Job
 
 _LAYER_PART = re.compile(r"(\d+)(?:-(\d+))?")
 
@@ -67,7 +69,7 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
         g.add_argument("--batch", type=int, default=None,
                        help="static batch size, 1 to 4096 (default 1; 2 for sd21-unet)")
         g.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis")
-        p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="precision of the graph (default fp32)")
         p.add_argument("--opset", type=int, default=18,
                        help="ONNX opset, 18 to 22 (default 18)")
@@ -95,7 +97,8 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
                    help="print exactly one JSON object on stdout (logs go to stderr)")
 
 
-def request_from_args(args: argparse.Namespace, export: bool = True) -> ExportRequest:
+def request_from_args(args: argparse.Namespace) -> ExportRequest:
+    """The settings of a MODEL command as given (checked when resolved into a job)."""
     from mame_export.request import ExportRequest
 
     req = ExportRequest(
@@ -118,8 +121,12 @@ def request_from_args(args: argparse.Namespace, export: bool = True) -> ExportRe
             workspace_bytes=parse_size(args.workspace) if args.workspace else None,
             timing_cache=args.timing_cache, builder_opt_level=args.builder_opt_level)
         req.engines_dir = args.engines
-    req.validate(export=export)
     return req
+
+
+def job_from_args(args: argparse.Namespace, export: bool = True) -> Job:
+    """The one resolved job of a MODEL command (see mame_export.request.resolve_job)."""
+    return request_from_args(args).resolve(export=export)
 
 
 def float_list(text: str) -> list[float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mame_export.cli.common import add_model_args, request_from_args
+from mame_export.cli.common import add_model_args, job_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,8 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from mame_export.cli import print_json
     from mame_export.job import run_export
 
-    req = request_from_args(args)
-    meta = run_export(req)
+    meta = run_export(job_from_args(args))
     if args.json:
         print_json(meta)
     else:

@@ -15,12 +15,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mame_export.cli import print_json
-    from mame_export.job import build_patched
+    from mame_export.job import build
 
-    req = request_from_args(args, export=False)
+    req = request_from_args(args)
     if req.weights == "auto":
         req.weights = "random"  # the plan does not depend on weight values
-    spec, _, plan, _ = build_patched(req, log=lambda _msg: None)
+    built = build(req.resolve(export=False), log=lambda _msg: None)
+    plan, spec = built.plan, built.job.spec
+    assert plan is not None
     if args.json:
         print_json({"model": spec.alias, "source": spec.source_name, "plan": plan.to_dict()})
     else:

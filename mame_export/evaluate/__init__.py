@@ -28,99 +28,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mame_export.errors import UserError
+from mame_export.evaluate.data import (  # noqa: F401 - re-exported
+    IMAGE_SUFFIXES,
+    DataError,
+    ImageSet,
+    find_images,
+    load_batches,
+    transform_for,
+)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 Log = Callable[[str], None]
-
-
-class DataError(UserError):
-    """The image folder is missing, empty, unreadable or does not fit the model."""
-
-
-@dataclass(frozen=True)
-class ImageSet:
-    """Image paths, their class indices (None: unlabelled) and how indices were chosen."""
-
-    paths: tuple[Path, ...]
-    labels: tuple[int, ...] | None
-    class_names: tuple[str, ...] = ()
-    mapping: str = "unlabelled (flat folder)"
-
-    @property
-    def num_classes(self) -> int:
-        return max(self.labels) + 1 if self.labels else 0
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def find_images(root: str | Path, limit: int | None = None) -> ImageSet:
-    """An ImageFolder (class sub-folders) or a flat folder of images; ``limit`` keeps the
-    first N in a fixed order (spread over classes: round-robin by class)."""
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"data folder not found: {root}")
-    if not root.is_dir():
-        raise DataError(f"--data must be a folder of images or class sub-folders: {root}")
-    if limit is not None and limit < 1:
-        raise DataError(f"--limit must be >= 1; got {limit}")
-    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    per_class = [(d.name, _images_in(d)) for d in classes]
-    per_class = [(name, imgs) for name, imgs in per_class if imgs]
-    if not per_class:
-        flat = _images_in(root)
-        if not flat:
-            raise DataError(f"no images in {root} (looked for {', '.join(IMAGE_SUFFIXES)} files "
-                            "in it and in its sub-folders)")
-        return ImageSet(tuple(flat[:limit]), None)
-    names = [name for name, _ in per_class]
-    if all(n.isdigit() for n in names):
-        index = {n: int(n) for n in names}
-        mapping = "class index = the sub-folder's integer name"
-    else:
-        index = {n: i for i, n in enumerate(names)}
-        mapping = "class index = position of the sub-folder's name in sorted order"
-    # Round-robin over classes so a limit keeps every class represented.
-    order: list[tuple[Path, int]] = []
-    for depth in range(max(len(imgs) for _, imgs in per_class)):
-        order += [(imgs[depth], index[n]) for n, imgs in per_class if depth < len(imgs)]
-    order = order[:limit]
-    return ImageSet(tuple(p for p, _ in order), tuple(c for _, c in order), tuple(names), mapping)
-
-
-def transform_for(model: nn.Module, img_size: int | None = None) -> Callable[[Any], torch.Tensor]:
-    """The model's own eval preprocessing (timm data config: resize, crop, mean/std)."""
-    from timm.data import create_transform, resolve_data_config
-
-    cfg = resolve_data_config({}, model=model)
-    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        cfg["input_size"] = (cfg["input_size"][0], img_size, img_size)
-    elif built is not None:  # the size the model was built at, not its hub default's
-        cfg["input_size"] = (cfg["input_size"][0], *built)
-    return create_transform(**cfg, is_training=False)
-
-
-def load_batches(
-    images: ImageSet, transform: Callable[[Any], torch.Tensor], batch: int
-) -> Iterator[torch.Tensor]:
-    """Preprocessed batches in order; an unreadable image is one clear error."""
-    from PIL import Image, UnidentifiedImageError
-
-    buf: list[torch.Tensor] = []
-    for path in images.paths:
-        try:
-            with Image.open(path) as im:
-                buf.append(transform(im.convert("RGB")))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
-        if len(buf) == batch:
-            yield torch.stack(buf)
-            buf = []
-    if buf:
-        yield torch.stack(buf)
 
 
 @dataclass

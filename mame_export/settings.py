@@ -1,0 +1,134 @@
+"""Every user setting's one home: its limits and its check.
+
+The CLI and the Python API check each setting here, once, at the edge (see
+:mod:`mame_export.request`); the stages after that trust the resolved job. Each check
+raises a one-line :class:`~mame_export.errors.UserError` naming the flag. This module
+imports nothing heavy (the command line loads it before torch).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Sequence
+
+from mame_export.errors import UserError
+
+PRECISIONS = ("fp32", "fp16", "bf16")  # graph / engine / timing precisions
+MAX_BATCH = 4096  # also the dynamic batch axis's upper bound in the graph
+MAX_PARITY_BATCHES = 1000
+MAX_SEED = 2**63 - 1
+MAX_INPUT_SETS = 64  # random input sets a profile rotates
+MAX_ITERS = 1_000_000  # timed iterations per profile row
+MAX_SECONDS = 24 * 3600.0  # a profile row's time budget
+MAX_LIMIT = 10_000_000  # images an eval reads
+# The opsets every export is tested at (tests/test_reliability.py exports each): the
+# dynamo exporter writes 18 and converts up; 17 cannot be written, and at 23 it emits
+# the ONNX Attention op, whose mask ONNX Runtime's CPU provider rejects.
+OPSETS = (18, 22)
+
+
+def is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v: object) -> bool:
+    # numbers.Real admits numpy scalars; bool is an int but never a ratio.
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_int(flag: str, v: object, lo: int, hi: int) -> int:
+    """``v`` as an int in [lo, hi], else a one-line UserError naming ``flag``."""
+    if not (is_int(v) and lo <= int(v) <= hi):  # type: ignore[call-overload]
+        raise UserError(f"{flag} must be in [{lo}, {hi}]; got {v!r}")
+    return int(v)  # type: ignore[call-overload]
+
+
+def check_real(flag: str, v: object, lo: float, hi: float, lo_open: bool = False,
+               hi_open: bool = False) -> float:
+    """``v`` as a finite float in the interval, else a one-line UserError (NaN refused)."""
+    ok = is_real(v) and math.isfinite(float(v))  # type: ignore[arg-type]
+    if ok:
+        x = float(v)  # type: ignore[arg-type]
+        ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
+    if not ok:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise UserError(f"{flag} must be in {left}{lo:g}, {hi:g}{right}; got {v!r}")
+    return float(v)  # type: ignore[arg-type]
+
+
+def check_r(v: object, flag: str = "--r") -> float:
+    """A merge ratio r in [0, 1)."""
+    return check_real(flag, v, 0.0, 1.0, hi_open=True)
+
+
+def check_rs(values: Sequence[object] | None, flag: str = "--r") -> list[float]:
+    """A non-empty list of merge ratios (``--r 0.25,0.5``); an empty list (``--r ,``) is
+    refused instead of falling back to a default."""
+    if values is None or len(values) == 0:
+        raise UserError(f"{flag} needs at least one value, e.g. {flag} 0.5")
+    return [check_r(v, flag) for v in values]
+
+
+def check_target_macs(v: object, flag: str = "--target-macs") -> float:
+    return check_real(flag, v, 0.0, 1.0, lo_open=True)
+
+
+def check_tau(v: object) -> float:
+    return check_real("--tau", v, -1.0, 1.0)
+
+
+def check_batch(v: object, flag: str = "--batch") -> int:
+    return check_int(flag, v, 1, MAX_BATCH)
+
+
+def check_batches(values: Sequence[object] | None, flag: str = "--batch") -> list[int]:
+    if not values:
+        raise UserError(f"{flag} needs at least one value, e.g. {flag} 1")
+    return [check_batch(v, flag) for v in values]
+
+
+def max_threads() -> int:
+    """The most CPU threads a run may ask for: the machine's logical CPUs."""
+    return max(1, os.cpu_count() or 1)
+
+
+def check_threads(v: object | None) -> int | None:
+    """``--threads`` in [1, logical CPUs]; None keeps the default (all available)."""
+    return None if v is None else check_int("--threads", v, 1, max_threads())
+
+
+def check_precision(v: object, allowed: Sequence[str] = PRECISIONS) -> str:
+    if v not in allowed:
+        raise UserError(f"--precision must be one of {', '.join(allowed)}; got {v!r}")
+    return str(v)
+
+
+def check_seed(v: object | None) -> int | None:
+    if v is None:
+        return None
+    if not (is_int(v) and 0 <= int(v) <= MAX_SEED):  # type: ignore[call-overload]
+        raise UserError(f"--seed must be in [0, 2**63 - 1]; got {v!r}")
+    return int(v)  # type: ignore[call-overload]
+
+
+def check_parity_batches(v: object) -> int:
+    return check_int("--parity-batches", v, 1, MAX_PARITY_BATCHES)
+
+
+def check_opset(v: object) -> int:
+    if not (is_int(v) and OPSETS[0] <= int(v) <= OPSETS[1]):  # type: ignore[call-overload]
+        raise UserError(f"--opset must be in [{OPSETS[0]}, {OPSETS[1]}] (the opsets "
+                        f"mame-export exports and tests); got {v!r}")
+    return int(v)  # type: ignore[call-overload]
+
+
+def check_positive_size(v: object | None) -> int | None:
+    """``--img-size`` before the model is known: a positive integer (the family then checks
+    it against the model's patch grid and its upper bound)."""
+    if v is None:
+        return None
+    if not (is_int(v) and int(v) >= 1):  # type: ignore[call-overload]
+        raise UserError(f"--img-size must be positive; got {v!r}")
+    return int(v)  # type: ignore[call-overload]
