@@ -73,8 +73,8 @@ def nested_model() -> onnx.ModelProto:
 def test_walk_visits_function_bodies_and_if_subgraphs_once() -> None:
     sites = {s.node.name: s for s in walk(nested_model())}
     assert list(sites) == ["call", "inner_relu", "branch", "else_op", "then_op", "lonely"]
-    assert sites["call"].calls == ("local", "twice") and sites["call"].typed
-    assert sites["inner_relu"].function == ("local", "twice")
+    assert sites["call"].calls == ("local", "twice", "") and sites["call"].typed
+    assert sites["inner_relu"].function == ("local", "twice", "")
     assert sites["inner_relu"].reachable and not sites["inner_relu"].typed
     assert sites["then_op"].where == "branch/" and sites["then_op"].typed
     assert sites["lonely"].where == "unused/" and not sites["lonely"].reachable
@@ -123,7 +123,7 @@ def test_constants_inside_a_function_are_scoped_and_joined_over_calls() -> None:
     nodes = [helper.make_node("f", ["seven"], ["u"], domain="local"),
              helper.make_node("f", ["x"], ["v"], domain="local")]
     c = Constants(_model(nodes, [_vi("x", [1])], [_vi("u", [1]), _vi("v", [1])], [seven], [fn]))
-    key = ("local", "f")
+    key = ("local", "f", "")
     assert c.is_initializer("k", key) and not c.is_initializer("k")  # scoped to the body
     assert c.kind("u") == CONST and c.kind("v") == DATA
     assert c.kind("b", key) == DATA  # the least constant over both calls
@@ -132,12 +132,33 @@ def test_constants_inside_a_function_are_scoped_and_joined_over_calls() -> None:
 def test_constants_check_hook_sees_input_kinds() -> None:
     seen: dict[str, list[int]] = {}
 
-    def check(node: onnx.NodeProto, ins: list[int], where: str) -> bool:
+    def check(node: onnx.NodeProto, ins: list[int], bodies: list[list[int]], where: str) -> bool:
         seen[node.op_type] = ins
         return False
 
     Constants(constant_model(), check)
     assert seen["Reshape"] == [DATA, CONST] and seen["Add"] == [CONST, CONST]
+
+
+def test_constants_check_hook_sees_what_a_loop_body_gives() -> None:
+    # body: the condition passed through (as the Loop's: constant) and x + x (data)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]),
+         helper.make_node("Add", ["x", "x"], ["acc"])],
+        "body", [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL)],
+        [_vi("c_out", [], TensorProto.BOOL), _vi("acc", [2, 8])])
+    inits = [helper.make_tensor("n", TensorProto.INT64, [], [3]),
+             helper.make_tensor("yes", TensorProto.BOOL, [], [True])]
+    loop = helper.make_node("Loop", ["n", "yes"], ["ys"], body=body)
+    seen: dict[str, tuple[list[int], list[list[int]]]] = {}
+
+    def check(node: onnx.NodeProto, ins: list[int], bodies: list[list[int]], where: str) -> bool:
+        seen[node.op_type] = (ins, bodies)
+        return False
+
+    c = Constants(_model([loop], [_vi("x", [2, 8])], [_vi("ys", [3, 2, 8])], inits), check)
+    assert seen["Loop"] == ([CONST, CONST], [[SHAPE, DATA]])
+    assert c.kind("i") == SHAPE and not c.is_constant("i")  # the iteration number
 
 
 # ------------------------------------------------------------------ IO, precision, opset, hash

@@ -42,6 +42,7 @@ from mame_export.settings import is_int, is_real
 
 _ASCII_INTEGER = re.compile(r"[0-9]+")  # not str.isdigit/isdecimal: they accept "²", "٣"
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+_CROP_MODES = ("center", "squash", "border")  # timm's eval crop modes
 T = TypeVar("T")
 
 
@@ -117,7 +118,7 @@ def find_clips(root: str | Path, num_frames: int, limit: int | None = None) -> I
     _check_limit(limit)
     if not (is_int(num_frames) and num_frames >= 1):
         raise DataError(f"frames per clip must be an integer >= 1; got {num_frames!r}")
-    check_folder(root)
+    check_folder(root, "clips (folders of frames)")
     dirs, files = scan(root)
     _refuse_videos(root, files)
     if with_suffix_in(files, IMAGE_SUFFIXES):
@@ -240,9 +241,11 @@ def transform_from(
     mean: Sequence[float], std: Sequence[float], size: int | Sequence[int], *,
     crop_pct: float = 0.875, interpolation: str = "bicubic", crop_mode: str = "center",
 ) -> Callable[[Any], torch.Tensor]:
-    """Eval preprocessing from explicit values, for a family without a timm data config:
-    resize the shorter side to ``size / crop_pct``, center-crop ``size`` (an int or
-    (height, width)), to a tensor in [0, 1], normalize by ``mean`` / ``std`` (RGB)."""
+    """Eval preprocessing from explicit values, for a family without a timm data config
+    (timm's eval transform, built from them): resize the shorter side to
+    ``size / crop_pct`` (``crop_mode="squash"``: both sides, aspect not kept), center-crop
+    ``size`` (an int or (height, width)), to a tensor in [0, 1], normalize by ``mean`` /
+    ``std`` (RGB)."""
     from timm.data import create_transform
 
     hw = (size, size) if is_int(size) else tuple(size)  # type: ignore[arg-type]
@@ -254,6 +257,8 @@ def transform_from(
         raise ValueError(f"crop_pct must be in (0, 1]; got {crop_pct!r}")
     if interpolation not in _INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}; got {interpolation!r}")
+    if crop_mode not in _CROP_MODES:
+        raise ValueError(f"crop_mode must be one of {_CROP_MODES}; got {crop_mode!r}")
     return create_transform(input_size=(3, *hw), mean=tuple(mean), std=tuple(std),
                             crop_pct=crop_pct, interpolation=interpolation,
                             crop_mode=crop_mode, is_training=False)

@@ -1,6 +1,7 @@
 """Reading the user's ``eval`` files safely: list a folder, decode one image to 8-bit RGB.
 
-Every failure is a one-line :class:`DataError` naming the folder or file:
+What is read and what is refused (each refusal one :class:`DataError` line naming the
+folder or file):
 
 - a folder that cannot be listed (permission denied, vanished) is refused;
 - only regular files count (symlinks followed); FIFOs, sockets and devices are skipped
@@ -10,13 +11,16 @@ Every failure is a one-line :class:`DataError` naming the folder or file:
   million images); the depth is: callers list at most three levels, never recursively;
 - an image over :data:`MAX_IMAGE_PIXELS` is refused before it is decoded (decompression
   bomb);
-- 16-bit and 32-bit integer images are scaled to 8 bits (value / 257: 65535 -> 255);
-  float images are read as [0, 1] intensities and refused outside that range.
+- integer images of more than 8 bits (PIL modes I;16*, I) are read as 16-bit and scaled
+  to 8 bits (value / 257: 65535 -> 255), refused if a value is outside 0..65535; float
+  images (mode F) are read as [0, 1] intensities, refused outside that range. 8-bit
+  modes (L, P, RGBA, CMYK, ...) go through PIL's ``convert("RGB")``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import warnings
 from pathlib import Path
@@ -30,7 +34,7 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv",
                   ".flv", ".3gp", ".ts")
-# PIL's own default (Image.MAX_IMAGE_PIXELS: 1 GiB of 24-bit pixels / 4), enforced here
+# PIL's own default (Image.MAX_IMAGE_PIXELS: a quarter GiB of 24-bit pixels), enforced here
 # as a refusal: PIL only warns between it and twice it, and errors above.
 MAX_IMAGE_PIXELS = 89_478_485
 _HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
@@ -40,18 +44,18 @@ class DataError(UserError):
     """The data folder is missing, empty, unreadable or does not fit the model."""
 
 
-def check_folder(root: Path, what: str = "data folder") -> None:
-    """``root`` exists, is a folder and can be listed; else one DataError saying which."""
+def check_folder(root: Path, content: str = "images or class sub-folders") -> None:
+    """``root`` exists and is a folder; else one DataError saying what is wrong."""
     try:
         st = os.stat(root)
     except FileNotFoundError:
-        raise DataError(f"{what} not found: {root}") from None
+        raise DataError(f"data folder not found: {root}") from None
     except PermissionError:
-        raise DataError(f"{what} {root} cannot be read (permission denied)") from None
+        raise DataError(f"data folder {root} cannot be read (permission denied)") from None
     except OSError as e:
-        raise DataError(f"{what} {root} cannot be read ({e.strerror or e})") from None
+        raise DataError(f"data folder {root} cannot be read ({e.strerror or e})") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise DataError(f"{what} must be a folder of images or class sub-folders: {root}")
+        raise DataError(f"--data must be a folder of {content}: {root} is not a folder")
 
 
 def scan(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -95,8 +99,10 @@ def read_rgb(path: Path) -> PILImage.Image:
                 return _to_rgb(path, im)
         except DataError:
             raise
-        except Image.DecompressionBombError as e:
-            raise DataError(_too_large(path, str(e))) from None
+        except Image.DecompressionBombError as e:  # PIL's own limit, twice ours by default
+            pixels = re.search(r"\((\d+) pixels\)", str(e))
+            raise DataError(_too_large(path, f"{int(pixels[1]):,} pixels" if pixels
+                                       else one_line(str(e)))) from None
         # A corrupt file raises OSError, ValueError, SyntaxError, EOFError, struct.error ...
         # depending on the PIL plugin: each is "cannot read" here.
         except Exception as e:  # noqa: BLE001
