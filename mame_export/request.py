@@ -240,7 +240,8 @@ def resolve_job(req: ExportRequest, export: bool = True, spec: ModelSpec | None 
     targets = (tuple(target_macs) if target_macs is not None
                else (req.target_macs,) if req.target_macs is not None else None)
     return Job(
-        model=req.model, spec=spec, family=family, rs=tuple(rs) if rs is not None else (float(req.r),),
+        model=req.model, spec=spec, family=family,
+        rs=tuple(rs) if rs is not None else (float(req.r),),
         target_macs=targets,
         tau=DEFAULT_TAU[req.mode] if req.tau is None else float(req.tau),
         layers=None if req.layers is None else tuple(sorted(set(req.layers))),

@@ -132,3 +132,43 @@ def check_positive_size(v: object | None) -> int | None:
     if not (is_int(v) and int(v) >= 1):  # type: ignore[call-overload]
         raise UserError(f"--img-size must be positive; got {v!r}")
     return int(v)  # type: ignore[call-overload]
+
+
+# ------------------------------------------------------------------ profile timing
+
+
+def check_profile_iters(min_iters: object | None, max_iters: object | None,
+                        default_min: int, default_max: int) -> tuple[int, int]:
+    """``--min-iters`` / ``--max-iters`` (each in [1, MAX_ITERS], None: the default) as
+    (min, max). An explicit --max-iters below the default minimum lowers the minimum; both
+    given and contradictory is an error."""
+    lo = None if min_iters is None else check_int("--min-iters", min_iters, 1, MAX_ITERS)
+    hi = None if max_iters is None else check_int("--max-iters", max_iters, 1, MAX_ITERS)
+    if lo is not None and hi is not None and lo > hi:
+        raise UserError(f"--min-iters {lo} is above --max-iters {hi}; give --min-iters <= "
+                        "--max-iters")
+    if lo is None:
+        lo = default_min if hi is None else min(default_min, hi)
+    return lo, max(default_max, lo) if hi is None else hi
+
+
+def check_profile_seconds(v: object) -> float:
+    """``--seconds``: a row's time budget, finite and > 0 (NaN refused)."""
+    return check_real("--seconds", v, 0.0, MAX_SECONDS, lo_open=True)
+
+
+def check_warmup(v: object) -> int:
+    return check_int("--warmup", v, 0, MAX_ITERS)
+
+
+def check_input_sets(v: object) -> int:
+    """``--input-sets``: at least 2 (the inputs are rotated), at most MAX_INPUT_SETS."""
+    return check_int("--input-sets", v, 2, MAX_INPUT_SETS)
+
+
+def check_target_macs_list(values: Sequence[object], flag: str = "--target-macs") -> list[float]:
+    """A non-empty list of MACs ratios (``eval --target-macs 0.5,0.7``); an empty list
+    (``--target-macs ,``) is refused, like an empty ``--r``."""
+    if len(values) == 0:
+        raise UserError(f"{flag} needs at least one value, e.g. {flag} 0.5")
+    return [check_target_macs(v, flag) for v in values]

@@ -1,4 +1,4 @@
-"""`mame-export eval MODEL --data DIR`: accuracy and fidelity of MaMe and ToMe on your images."""
+"""`mame-export eval MODEL --data DIR`: accuracy and fidelity of MaMe and ToMe on your data."""
 
 from __future__ import annotations
 
@@ -6,24 +6,36 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mame_export.cli.common import add_model_command, float_list, parse_layers
 from mame_export.errors import UserError
 
+if TYPE_CHECKING:
+    from mame_export.families import ModelSpec
+
 DESCRIPTION = (
-    "Runs the unmerged model, MaMe at each r and ToMe with the same tokens per block over the "
-    "same images (the model's own preprocessing). Reports top-1/top-5 for labelled class "
-    "folders, agreement with the unmerged top-1, the mean cosine of outputs and pre-logit "
-    "features to the unmerged model, and the MACs ratio. Class sub-folders with integer names "
-    "are those class indices; other names map to indices in sorted order.")
+    "Runs the unmerged model, MaMe at each r and ToMe with the same tokens per block (ToMe-SD "
+    "on a UNet) over the same inputs, preprocessed the way the model's family says. "
+    "Classifiers: top-1/top-5 on labelled class folders, agreement with the unmerged top-1, "
+    "the mean cosine of outputs and pre-logit features. Encoders (CLIP, SigLIP, DINOv2, "
+    "--llava, timm models without a head): feature cosine, and on labelled folders 1-NN and "
+    "linear-probe accuracy. Video classifiers: on clips (folders of frames). UNets: noise-"
+    "prediction cosine and relative L2 error over 10 timesteps, on --data latents or seeded "
+    "random ones (a fidelity check, not image quality). --graph adds an exported graph run "
+    "through ONNX Runtime. Class sub-folders with integer names are those class indices; "
+    "other names map to indices in sorted order.")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = add_model_command(
-        sub, "eval", "accuracy and fidelity of the unmerged model, MaMe and ToMe on a folder of "
-        "images", DESCRIPTION, model_help="alias (vit_b, deit_s, ...) or a timm name")
-    p.add_argument("--data", type=Path, required=True, metavar="DIR",
-                   help="an ImageFolder (class sub-folders) or a flat folder of images")
+        sub, "eval", "accuracy and fidelity of the unmerged model, MaMe and ToMe on your data",
+        DESCRIPTION, model_help="alias (vit_b, dinov2_s, videomae_l, sd21-unet, ...) or a timm "
+                                "name")
+    p.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="an ImageFolder (class sub-folders) or a flat folder of images; clips "
+                        "as folders of frames (video models); latents (UNets: optional, "
+                        "default seeded random latents)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--r", type=float_list, default=None, metavar="R[,R...]",
                    help="MaMe ratios in [0, 1), comma-separated (default 0.5)")
@@ -37,19 +49,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prop-attn", dest="prop_attn", action="store_false",
                    help="turn off proportional attention")
     p.add_argument("--no-tome", dest="tome", action="store_false",
-                   help="leave ToMe out of the comparison")
+                   help="leave ToMe (ToMe-SD) out of the comparison")
+    p.add_argument("--llava", action="store_true",
+                   help="evaluate LLaVA's encoder output (clip_l336): its pooled tokens")
+    p.add_argument("--graph", type=Path, default=None, metavar="PATH",
+                   help="also score this exported ONNX graph (ONNX Runtime, CPU) of the model")
     p.add_argument("--weights", default="auto",
                    help="auto (hub or its cache, else random with a warning), random, or a "
                         "checkpoint PATH")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: model's)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="use the first N images (spread over classes)")
+                   help="use the first N images (spread over classes); UNets without --data: "
+                        "N random latents (default 4)")
     p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON object on stdout (progress goes to stderr)")
     p.add_argument("--plot", default=None, metavar="PATH",
-                   help="write a PNG of accuracy and agreement against MACs")
+                   help="write a PNG of accuracy (or fidelity) against MACs")
     p.set_defaults(run=run)
 
 
@@ -57,64 +74,79 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def check_args(args: argparse.Namespace) -> tuple[list[float], list[float] | None]:
+    """Every setting against its check in mame_export.settings, before any work; returns
+    the ratios (or MACs targets) to run."""
+    from mame_export import settings
+    from mame_export.errors import check_file
+
+    rs = [0.5] if args.r is None else settings.check_rs(args.r)
+    targets = (None if args.target_macs is None
+               else settings.check_target_macs_list(args.target_macs))
+    if args.tau is not None:
+        settings.check_tau(args.tau)
+    settings.check_batch(args.batch)
+    settings.check_threads(args.threads)
+    settings.check_positive_size(args.img_size)
+    if args.limit is not None:
+        settings.check_int("--limit", args.limit, 1, settings.MAX_LIMIT)
+    if args.graph is not None:
+        check_file(args.graph, "graph")
+    if args.plot:
+        from mame_export.cli.plotpath import check_plot_path
+
+        check_plot_path(args.plot)
+    return rs, targets
+
+
+def checked_spec(args: argparse.Namespace, rs: list[float],
+                 targets: list[float] | None) -> ModelSpec:
+    """The model's spec (``--llava`` applied), its structure, layers and input size
+    checked the way export checks them, before anything is built: the one place eval
+    resolves its model."""
+    from mame_export.families import resolve
+    from mame_export.job import preflight
+    from mame_export.request import ExportRequest, request_spec
+
+    req = ExportRequest(model=args.model, r=rs[0], target_macs=targets[0] if targets else None,
+                        tau=args.tau, layers=args.layers, prop_attn=args.prop_attn,
+                        img_size=args.img_size, weights=args.weights, llava=args.llava)
+    spec = request_spec(req, resolve(args.model))
+    preflight(spec, req, export=False)
+    return spec
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from mame_export import evaluate as ev
     from mame_export.cli import print_json
-    from mame_export.families import build_model, require, resolve
-    from mame_export.patch import solve_r
-    from mame_export.plan import check_ratio, check_tau
-
-    try:
-        if args.tau is not None:
-            check_tau(args.tau)
-        for r in args.r or []:
-            check_ratio(r)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    for flag, value in (("--batch", args.batch), ("--threads", args.threads),
-                        ("--img-size", args.img_size)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be >= 1; got {value}")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UserError("--plot needs matplotlib: pip install 'mame-export[plot]'") from None
-    images = ev.find_images(args.data, args.limit)  # bad data fails before any model work
-    spec = resolve(args.model)
-    require(spec, "eval", "eval supports image classifiers and encoders")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, source = build_model(spec, args.weights, args.img_size)
-    ev.check_labels(images, model)
-    _log(f"evaluating {spec.alias} ({spec.source_name}, weights: {source}) on "
-         f"{len(images.paths)} images from {args.data}")
-    rs = args.r or [0.5]
-    if args.target_macs:
-        rs = []
-        for target in args.target_macs:
-            try:
-                r = solve_r(ev.copy_of(model), target, tau=args.tau, layers=args.layers,
-                            prop_attn=args.prop_attn)
-            except ValueError as e:
-                raise UserError(str(e)) from None
-            _log(f"MACs ratio {target:g} -> r = {r:g}")
-            rs.append(r)
-    variants = ev.build_variants(model, rs, tau=args.tau, layers=args.layers,
-                                 prop_attn=args.prop_attn, tome=args.tome)
-    report = ev.evaluate(variants, images, ev.transform_for(model, args.img_size), args.batch,
-                         _log)
     from mame_export.sidecar import versions
 
-    report = {"model": spec.alias, "source": spec.source_name, "weights": source,
-              "data": str(args.data), "command": shlex.join(["mame-export", *sys.argv[1:]]),
-              "versions": versions(), **report}
-    if args.plot:
-        _log(f"wrote {ev.plot(report, args.plot, title=f'{spec.alias} on {args.data}')}")
+    rs, targets = check_args(args)
+    spec = checked_spec(args, rs, targets)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = ev.EvalSettings(
+        data=args.data, rs=rs, target_macs=targets, tau=args.tau, layers=args.layers,
+        prop_attn=args.prop_attn, tome=args.tome, weights=args.weights,
+        img_size=args.img_size, limit=args.limit, batch=args.batch, threads=args.threads,
+        graph=args.graph)
+    result = ev.run_eval(spec, settings, _log)
+    data = str(args.data) if args.data is not None else None
+    report: dict[str, Any] = {
+        "model": spec.alias, "source": spec.source_name, "weights": result["weights"],
+        "data": data, "command": shlex.join(["mame-export", *sys.argv[1:]]),
+        "versions": versions(), **result}
     if args.json:
         print_json(report)
     else:
         print(ev.table(report))
+    if args.plot:  # after the results are out: a failing plot loses nothing
+        try:
+            path = ev.plot(report, args.plot, title=f"{spec.alias} on {data or 'latents'}")
+        except OSError as e:
+            raise UserError(f"cannot write the plot {args.plot}: {e.strerror or e} (the "
+                            "results above are complete)") from None
+        _log(f"wrote {path}")
     return 0
