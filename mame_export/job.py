@@ -8,12 +8,10 @@ arguments and prints; everything it does happens here.
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +33,17 @@ from mame_export.artifacts import (
 )
 from mame_export.audit import audit
 from mame_export.checkpoints import state_dict_sha256
-from mame_export.errors import UserError, check_file, warn
+from mame_export.errors import check_file, warn
 from mame_export.export import export_onnx, reduced_precision_copy
 from mame_export.families import IOSpec, ModelSpec, build_model, get_family
 from mame_export.parity import ParityReport, check_parity, tolerance_for
-from mame_export.patch import apply, merge_plan, solve_r
 from mame_export.plan import MergePlan
 from mame_export.request import (
     MAX_BATCH,
+    Built,
     ExportRequest,
     Job,
+    build,
     check_parity_settings,
     request_spec,
     resolve_job,
@@ -106,56 +105,6 @@ def feeds_maker(io: IOSpec, batch: int | Sequence[int]):
         return {n: a.numpy() for n, a in zip(io.input_names, arrays, strict=True)}
 
     return make
-
-
-@dataclass(frozen=True)
-class Built:
-    """A job's model, built: the job with its solved rs and IO spec, the model (patched at
-    ``job.r`` unless built with ``patch=False``), its plan and its weights' source."""
-
-    job: Job
-    model: nn.Module
-    plan: MergePlan | None
-    source: str
-
-
-def solve_rs(job: Job, model: nn.Module, log: Log) -> list[float]:
-    """The smallest r reaching each of ``job.target_macs`` (plans do not depend on weight
-    values: solved on the weightless skeleton where the family has one)."""
-    base = job.family.skeleton(job.spec, job.img_size) or copy.deepcopy(model)
-    rs = []
-    for target in job.target_macs or ():
-        try:
-            r = solve_r(base, target, **job.patch_settings())
-        except (ValueError, TypeError) as e:
-            raise UserError(str(e)) from None
-        log(f"      MACs ratio {target:g} -> r = {r:g}")
-        rs.append(r)
-    return rs
-
-
-def build(job: Job, log: Log = stderr_log, patch: bool = True) -> Built:
-    """Build ``job``'s model and settle what needs it; patch it at ``job.r`` unless
-    ``patch=False`` (eval and profile patch their own copies per variant)."""
-    spec = job.spec
-    log(f"[1/5] building {spec.alias} ({spec.source_name}), weights: {job.weights}")
-    model, source = job.family.build(spec, job.weights, job.img_size)
-    job.family.check(model, spec.alias, job.img_size, job.export)
-    if job.target_macs is not None and not job.solved:
-        job = job.with_model(rs=solve_rs(job, model, log))
-    job = job.with_model(io=job.family.io_spec(spec, model, job.img_size))
-    if not patch:
-        return Built(job, model, None, source)
-    try:
-        model = apply(model, job.r, **job.patch_settings())
-    except (ValueError, TypeError) as e:  # layers out of range, a family MaMe lacks, ...
-        raise UserError(str(e)) from None
-    plan = merge_plan(model)
-    if job.r > 0 and not plan.merge_layers:
-        warn(f"r={job.r:g} has no effect here: {plan.num_patches} patch token(s) in "
-             f"{len(plan.blocks)} blocks leave nothing to merge at this input size and these "
-             "layers, so the model runs unmerged")
-    return Built(job, model, plan, source)
 
 
 def build_patched(
@@ -297,23 +246,27 @@ def update_sidecar(meta_path: Path, onnx_path: Path, meta: dict[str, Any]) -> No
         atomic_write_text(meta_path, sidecar_json(meta))
 
 
-def build_and_check_engine(req: ExportRequest, model: nn.Module, io: IOSpec, onnx_path: Path,
-                           log: Log) -> dict[str, Any]:
-    """Build (or reuse) the TensorRT engine of a checked graph and check its parity.
+def build_and_check_engine(req: ExportRequest | Job, model: nn.Module, io: IOSpec,
+                           onnx_path: Path, log: Log) -> dict[str, Any]:
+    """Build (or reuse) the TensorRT engine of a checked graph and check its parity, with
+    the ``tensorrt`` runner of :func:`select_runners`, as for any other runner.
 
     Without TensorRT this raises a one-line UserError naming what to install; the
     graph and its metadata are already on disk and stay there.
     """
     from mame_export.trt.engine import build_engine
-    from mame_export.trt.runner import TrtRunner
 
     log("[trt] building the TensorRT engine (strongly typed) ...")
+    # Built here, so that a graph TensorRT rejects is a one-line error; the runner reuses it.
     res = build_engine(onnx_path, req.trt, req.engines_dir, onnx_path.stem)
     log(f"[trt] {'reused' if res.reused else 'built'} {res.plan}")
-    ref = reference_runner(model, io)
-    batch = req.trt.opt_batch or 2 if req.dynamic_batch else req.batch
-    parity = check_parity(ref, [TrtRunner(res.plan)], feeds_maker(io, batch), req.precision,
-                          batches=req.parity_batches, seed=req.seed,
+    ref, engine = select_runners(model, io, onnx_path, ["tensorrt"], req.trt, req.engines_dir)
+    sizes: tuple[int, ...] = (req.batch,)
+    if req.dynamic_batch and res.metadata["profiles"]:  # the profile's min, opt, max in turn
+        bounds = next(iter(res.metadata["profiles"][0].values()))
+        sizes = tuple(sorted({bounds[k][0] for k in ("min", "opt", "max")}))
+    parity = check_parity(ref, engine, feeds_maker(io, sizes), req.precision,
+                          batches=max(req.parity_batches, len(sizes)), seed=req.seed,
                           tolerance=tolerance(req, io, model))
     log(parity.summary())
     return {"plan": str(res.plan), "sidecar": str(res.sidecar), "reused": res.reused,
@@ -324,7 +277,10 @@ def parity_for_graph(graph: Path, runners: list[str], batches: int, seed: int | 
                      weights: str | None = None, log: Log = stderr_log) -> ParityReport:
     """Rebuild the eager reference from a graph's sidecar and compare the chosen runners.
 
-    The sidecar must be the graph's own: its ``onnx_sha256`` is checked against the file."""
+    The sidecar must be the graph's own: its ``onnx_sha256`` is checked against the file,
+    and the precision it records against the graph's."""
+    from mame_export.graph import graph_precision, load_graph
+
     check_file(graph, "graph", MetadataError)
     check_parity_settings(batches, seed)
     check_runner_names(runners)
@@ -336,6 +292,14 @@ def parity_for_graph(graph: Path, runners: list[str], batches: int, seed: int | 
             f"metadata sidecar {graph.with_suffix('.json')} belongs to another graph: it "
             f"records sha256 {str(recorded)[:12]}..., {graph.name} has {digest[:12]}...; "
             "re-export the graph, or put its own sidecar beside it"
+        )
+    precision = graph_precision(load_graph(graph))  # the sidecar only says; the graph is
+    if precision != req.precision:
+        raise MetadataError(
+            f"metadata sidecar {graph.with_suffix('.json')} records precision "
+            f"{req.precision}, but {graph.name} is a {precision} graph (the type of its "
+            "weights): parity would judge it by the wrong tolerance; re-export the graph, or "
+            "put its own sidecar beside it"
         )
     if weights is not None:
         req.weights = weights

@@ -12,19 +12,31 @@ plan, eval, profile and parity all take that job; nothing after it re-validates.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch.nn as nn
+
 from mame_export import settings
-from mame_export.errors import UserError
+from mame_export.errors import UserError, warn
 from mame_export.families import Family, IOSpec, ModelSpec, get_family, resolve
 from mame_export.families.base import UnsupportedModelError, with_kwargs
-from mame_export.patch import DEFAULT_TAU, MODES, apply
+from mame_export.patch import DEFAULT_TAU, MODES, apply, merge_plan, solve_r
+from mame_export.plan import MergePlan
 from mame_export.settings import MAX_BATCH, OPSETS  # noqa: F401 - re-exported
+
+Log = Callable[[str], None]
+
+
+def stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
 
 # The batch sizes a dynamic-batch graph is checked at (parity), besides its largest one.
 DYNAMIC_PARITY_BATCHES = (1, 3)
@@ -55,6 +67,7 @@ class ExportRequest:
     llava: bool = False  # export what LLaVA's projector consumes (families with "llava")
     trt: Any = None  # mame_export.trt.engine.EngineOptions when an engine is wanted
     engines_dir: Path = Path("engines")
+    threads: int | None = None  # CPU threads for PyTorch and ONNX Runtime (None: all)
 
     def validate(self, export: bool = True, check_opset: bool = True) -> None:
         """One-line UserErrors for bad settings, before any work; ``export=False`` allows
@@ -93,6 +106,7 @@ class Job:
     trt: Any  # EngineOptions or None
     engines_dir: Path
     llava: bool
+    threads: int | None
     export: bool  # a graph will be made (adaptive mode refused, exportable structure)
     io: IOSpec | None = field(default=None, compare=False)  # known once the model is built
     solved: bool = False  # rs come from target_macs and were solved on the model
@@ -146,7 +160,7 @@ class Job:
             img_size=self.img_size, weights=self.weights, opset=self.opset,
             precision=self.precision, out_dir=self.out_dir,
             parity_batches=self.parity_batches, seed=self.seed, runners=self.runners,
-            llava=self.llava, trt=self.trt, engines_dir=self.engines_dir)
+            llava=self.llava, trt=self.trt, engines_dir=self.engines_dir, threads=self.threads)
 
 
 def check_settings(req: ExportRequest, export: bool = True, check_opset: bool = True) -> None:
@@ -172,6 +186,7 @@ def check_settings(req: ExportRequest, export: bool = True, check_opset: bool = 
     if check_opset:
         settings.check_opset(req.opset)
     settings.check_positive_size(req.img_size)
+    settings.check_threads(req.threads)
     check_parity_settings(req.parity_batches, req.seed)
     if req.trt is not None:
         req.trt.validate()
@@ -250,7 +265,8 @@ def resolve_job(req: ExportRequest, export: bool = True, spec: ModelSpec | None 
         dynamic_batch=bool(req.dynamic_batch), img_size=req.img_size, weights=req.weights,
         precision=req.precision, opset=req.opset, out_dir=Path(req.out_dir),
         parity_batches=req.parity_batches, seed=req.seed, runners=tuple(req.runners),
-        trt=req.trt, engines_dir=Path(req.engines_dir), llava=bool(req.llava), export=export,
+        trt=req.trt, engines_dir=Path(req.engines_dir), llava=bool(req.llava), threads=req.threads,
+        export=export,
     )
 
 
@@ -267,3 +283,53 @@ def settings_tag(job: Job | ExportRequest) -> str:
     if job.llava:  # only when set, so the names of earlier graphs stay the same
         key["llava"] = True
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class Built:
+    """A job's model, built: the job with its solved rs and IO spec, the model (patched at
+    ``job.r`` unless built with ``patch=False``), its plan and its weights' source."""
+
+    job: Job
+    model: nn.Module
+    plan: MergePlan | None
+    source: str
+
+
+def solve_rs(job: Job, model: nn.Module, log: Log) -> list[float]:
+    """The smallest r reaching each of ``job.target_macs`` (plans do not depend on weight
+    values: solved on the weightless skeleton where the family has one)."""
+    base = job.family.skeleton(job.spec, job.img_size) or copy.deepcopy(model)
+    rs = []
+    for target in job.target_macs or ():
+        try:
+            r = solve_r(base, target, **job.patch_settings())
+        except (ValueError, TypeError) as e:
+            raise UserError(str(e)) from None
+        log(f"      MACs ratio {target:g} -> r = {r:g}")
+        rs.append(r)
+    return rs
+
+
+def build(job: Job, log: Log = stderr_log, patch: bool = True) -> Built:
+    """Build ``job``'s model and settle what needs it; patch it at ``job.r`` unless
+    ``patch=False`` (eval and profile patch their own copies per variant)."""
+    spec = job.spec
+    log(f"building {spec.alias} ({spec.source_name}), weights: {job.weights}")
+    model, source = job.family.build(spec, job.weights, job.img_size)
+    job.family.check(model, spec.alias, job.img_size, job.export)
+    if job.target_macs is not None and not job.solved:
+        job = job.with_model(rs=solve_rs(job, model, log))
+    job = job.with_model(io=job.family.io_spec(spec, model, job.img_size))
+    if not patch:
+        return Built(job, model, None, source)
+    try:
+        model = apply(model, job.r, **job.patch_settings())
+    except (ValueError, TypeError) as e:  # layers out of range, a family MaMe lacks, ...
+        raise UserError(str(e)) from None
+    plan = merge_plan(model)
+    if job.r > 0 and not plan.merge_layers:
+        warn(f"r={job.r:g} has no effect here: {plan.num_patches} patch token(s) in "
+             f"{len(plan.blocks)} blocks leave nothing to merge at this input size and these "
+             "layers, so the model runs unmerged")
+    return Built(job, model, plan, source)

@@ -131,6 +131,16 @@ def _aliases() -> list:
     return out
 
 
+def _run_eval(spec, kwargs: dict, log):
+    """``run_eval`` on a resolved job for ``spec`` (eval-only settings split off)."""
+    from mame_export.request import ExportRequest, resolve_job
+
+    only = {k: kwargs.pop(k) for k in ("data", "tome", "limit", "graph") if k in kwargs}
+    kwargs.setdefault("batch", 16)
+    job = resolve_job(ExportRequest(model=spec.alias, **kwargs), export=False, spec=spec)
+    return ev.run_eval(job, ev.EvalSettings(**only), log)
+
+
 def _tiny_spec(alias: str, llava: bool = False):
     spec = registry()[alias]
     if llava:
@@ -146,7 +156,7 @@ def test_every_alias_evaluates_at_tiny_size(alias, llava, data):
     kind = ev.run.inputs_of(family, spec, model, None).kind
     folder = {"images": data / "images", "clips": data / "clips", "latents": None}[kind]
     log: list[str] = []
-    report = ev.run_eval(spec, ev.EvalSettings(data=folder, weights="random", batch=4,
+    report = _run_eval(spec, dict(data=folder, weights="random", batch=4,
                                                limit=1 if folder is None else None),
                          log.append)
     rows = {r["name"]: r for r in report["variants"]}
@@ -179,7 +189,7 @@ def test_every_alias_evaluates_at_tiny_size(alias, llava, data):
 
 def test_unet_latents_from_data_are_used(data):
     spec = _tiny_spec("sd21-unet")
-    report = ev.run_eval(spec, ev.EvalSettings(data=data / "latents", weights="random",
+    report = _run_eval(spec, dict(data=data / "latents", weights="random",
                                                batch=2, layers=[0]), lambda _: None)
     assert report["images"] == 3 and [r["name"] for r in report["variants"]] == \
         ["unmerged", "MaMe r=0.5"]
@@ -191,18 +201,18 @@ def test_unet_latents_from_data_are_used(data):
 
 def test_a_unet_refuses_a_folder_of_images(data):
     with pytest.raises(ev.DataError):
-        ev.run_eval(_tiny_spec("sd21-unet"), ev.EvalSettings(data=data / "images",
+        _run_eval(_tiny_spec("sd21-unet"), dict(data=data / "images",
                                                              weights="random"), print)
 
 
 def test_an_image_model_needs_data():
     with pytest.raises(ev.run.UserError, match="--data DIR is needed"):
-        ev.run_eval(_tiny_spec("vit_t"), ev.EvalSettings(weights="random"), print)
+        _run_eval(_tiny_spec("vit_t"), dict(weights="random"), print)
 
 
 def test_fewer_than_two_images_per_class_says_why_no_probe(tmp_path):
     _stripe_folder(tmp_path, per_class=1, size=24)
-    report = ev.run_eval(_tiny_spec("dinov2_s"), ev.EvalSettings(
+    report = _run_eval(_tiny_spec("dinov2_s"), dict(
         data=tmp_path, weights="random", tome=False), lambda _: None)
     assert any("not computed: a class has 1 image(s)" in n for n in report["notes"])
     assert "knn_accuracy" not in report["variants"][0]
@@ -285,7 +295,7 @@ def test_graph_is_a_variant_scored_through_onnx_runtime(tiny_graph, data, tmp_pa
 
     spec, onnx = tiny_graph
     graph = pathlib.Path(onnx)
-    report = ev.run_eval(spec, ev.EvalSettings(data=data / "images", weights="random",
+    report = _run_eval(spec, dict(data=data / "images", weights="random",
                                                batch=3, graph=graph), lambda _: None)
     rows = {r["name"]: r for r in report["variants"]}
     row, mame = rows[graph.name], rows["MaMe r=0.5"]
@@ -298,14 +308,14 @@ def test_graph_is_a_variant_scored_through_onnx_runtime(tiny_graph, data, tmp_pa
     # Without its sidecar: the row is there, its r unknown, and a note says so.
     alone = tmp_path / "alone.onnx"
     shutil.copy(graph, alone)
-    report = ev.run_eval(spec, ev.EvalSettings(data=data / "images", weights="random",
+    report = _run_eval(spec, dict(data=data / "images", weights="random",
                                                batch=4, graph=alone, tome=False), print)
     assert report["variants"][-1]["r"] is None
     assert any("no sidecar beside alone.onnx" in n for n in report["notes"])
     # A graph of another model (its sidecar says so) is refused in one line.
     other = with_kwargs(spec, "tiny-vit_s")
     with pytest.raises(GraphMismatchError, match="is of model tiny-vit_t; eval runs tiny-vit_s"):
-        ev.run_eval(other, ev.EvalSettings(data=data / "images", weights="random",
+        _run_eval(other, dict(data=data / "images", weights="random",
                                            graph=graph), print)
 
 

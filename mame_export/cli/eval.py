@@ -12,7 +12,7 @@ from mame_export.cli.common import add_model_command, float_list, parse_layers
 from mame_export.errors import UserError
 
 if TYPE_CHECKING:
-    from mame_export.families import ModelSpec
+    from mame_export.request import Job
 
 DESCRIPTION = (
     "Runs the unmerged model, MaMe at each r and ToMe with the same tokens per block (ToMe-SD "
@@ -74,20 +74,11 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def check_args(args: argparse.Namespace) -> tuple[list[float], list[float] | None]:
-    """Every setting against its check in mame_export.settings, before any work; returns
-    the ratios (or MACs targets) to run."""
+def check_args(args: argparse.Namespace) -> None:
+    """What only eval takes, checked before any work (the rest is the job's)."""
     from mame_export import settings
     from mame_export.errors import check_file
 
-    rs = [0.5] if args.r is None else settings.check_rs(args.r)
-    targets = (None if args.target_macs is None
-               else settings.check_target_macs_list(args.target_macs))
-    if args.tau is not None:
-        settings.check_tau(args.tau)
-    settings.check_batch(args.batch)
-    settings.check_threads(args.threads)
-    settings.check_positive_size(args.img_size)
     if args.limit is not None:
         settings.check_int("--limit", args.limit, 1, settings.MAX_LIMIT)
     if args.graph is not None:
@@ -96,24 +87,22 @@ def check_args(args: argparse.Namespace) -> tuple[list[float], list[float] | Non
         from mame_export.cli.plotpath import check_plot_path
 
         check_plot_path(args.plot)
-    return rs, targets
 
 
-def checked_spec(args: argparse.Namespace, rs: list[float],
-                 targets: list[float] | None) -> ModelSpec:
-    """The model's spec (``--llava`` applied), its structure, layers and input size
-    checked the way export checks them, before anything is built: the one place eval
-    resolves its model."""
-    from mame_export.families import resolve
-    from mame_export.job import preflight
-    from mame_export.request import ExportRequest, request_spec
+def resolved_job(args: argparse.Namespace) -> Job:
+    """The one resolved job of this eval: every setting checked once, and the model's
+    structure, layers and input size checked as export checks them, before any build."""
+    from mame_export.request import ExportRequest
 
-    req = ExportRequest(model=args.model, r=rs[0], target_macs=targets[0] if targets else None,
-                        tau=args.tau, layers=args.layers, prop_attn=args.prop_attn,
-                        img_size=args.img_size, weights=args.weights, llava=args.llava)
-    spec = request_spec(req, resolve(args.model))
-    preflight(spec, req, export=False)
-    return spec
+    req = ExportRequest(model=args.model, tau=args.tau, layers=args.layers,
+                        prop_attn=args.prop_attn, img_size=args.img_size, weights=args.weights,
+                        llava=args.llava, batch=args.batch, threads=args.threads)
+    if args.r is None and args.target_macs is None:
+        return req.resolve(export=False)
+    from mame_export.request import resolve_job
+
+    return resolve_job(req, export=False, rs=args.r,
+                       target_macs=args.target_macs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,16 +112,14 @@ def run(args: argparse.Namespace) -> int:
     from mame_export.cli import print_json
     from mame_export.sidecar import versions
 
-    rs, targets = check_args(args)
-    spec = checked_spec(args, rs, targets)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    settings = ev.EvalSettings(
-        data=args.data, rs=rs, target_macs=targets, tau=args.tau, layers=args.layers,
-        prop_attn=args.prop_attn, tome=args.tome, weights=args.weights,
-        img_size=args.img_size, limit=args.limit, batch=args.batch, threads=args.threads,
-        graph=args.graph)
-    result = ev.run_eval(spec, settings, _log)
+    check_args(args)
+    job = resolved_job(args)
+    spec = job.spec
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    settings = ev.EvalSettings(data=args.data, tome=args.tome, limit=args.limit,
+                               graph=args.graph)
+    result = ev.run_eval(job, settings, _log)
     data = str(args.data) if args.data is not None else None
     report: dict[str, Any] = {
         "model": spec.alias, "source": spec.source_name, "weights": result["weights"],

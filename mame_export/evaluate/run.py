@@ -8,7 +8,7 @@ data it takes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,28 +20,20 @@ from mame_export.errors import UserError
 from mame_export.evaluate import data as eval_data
 from mame_export.evaluate.images import check_labels, evaluate_images
 from mame_export.evaluate.unet import DEFAULT_LATENTS, evaluate_unet, latent_batches
-from mame_export.evaluate.variants import build_variants, copy_of
-from mame_export.families import Family, IOSpec, ModelSpec, build_model, get_family
+from mame_export.evaluate.variants import build_variants
+from mame_export.families import Family, IOSpec, ModelSpec
+from mame_export.request import Job, build
 
 Log = Callable[[str], None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalSettings:
-    """What one eval compares, on what (checked values; see ``mame-export eval --help``)."""
+    """What only eval asks for (the model and merge settings are the job's)."""
 
     data: Path | None = None  # images, clips or latents; None: seeded latents (UNets only)
-    rs: Sequence[float] = (0.5,)
-    target_macs: Sequence[float] | None = None  # solve one r per MACs ratio instead
-    tau: float | None = None
-    layers: list[int] | None = None
-    prop_attn: bool = True
     tome: bool = True
-    weights: str = "auto"
-    img_size: int | None = None
     limit: int | None = None
-    batch: int = 16
-    threads: int | None = None  # ONNX Runtime's threads for --graph (torch's: the caller)
     graph: Path | None = None
 
 
@@ -75,46 +67,30 @@ def find_data(inputs: Inputs, s: EvalSettings, spec: ModelSpec) -> Any:
     return eval_data.find_images(s.data, s.limit)
 
 
-def solve_rs(model: nn.Module, s: EvalSettings, options: dict[str, Any], log: Log) -> list[float]:
-    """``s.rs``, or one r per ``s.target_macs`` solved on copies of the model."""
-    from mame_export.patch import solve_r
-
-    if not s.target_macs:
-        return list(s.rs)
-    rs = []
-    for target in s.target_macs:
-        try:
-            r = solve_r(copy_of(model), target, tau=s.tau, layers=s.layers,
-                        prop_attn=s.prop_attn, **options)
-        except (ValueError, TypeError) as e:
-            raise UserError(str(e)) from None
-        log(f"MACs ratio {target:g} -> r = {r:g}")
-        rs.append(r)
-    return rs
-
-
 def kind_of(io: IOSpec, inputs: Inputs) -> str:
     return "unet" if inputs.kind == "latents" else "classifier" if io.class_scores else "encoder"
 
 
-def run_eval(spec: ModelSpec, s: EvalSettings, log: Log) -> dict[str, Any]:
-    """Evaluate ``spec``'s model (its family's eval preprocessing, IO spec and variants):
-    the report's rows, notes and what was run on; see :mod:`mame_export.evaluate`."""
-    family = get_family(spec.family)
-    skeleton = family.skeleton(spec, s.img_size)
-    inputs = inputs_of(family, spec, skeleton, s.img_size) if skeleton is not None else None
+def run_eval(job: Job, s: EvalSettings, log: Log) -> dict[str, Any]:
+    """Evaluate the job's model (its family's eval preprocessing, IO spec and variants) at
+    each of the job's rs (solved from its MACs targets): the report's rows, notes and what
+    was run on; see :mod:`mame_export.evaluate`."""
+    family, spec, img_size = job.family, job.spec, job.img_size
+    skeleton = family.skeleton(spec, img_size)
+    inputs = inputs_of(family, spec, skeleton, img_size) if skeleton is not None else None
     found = find_data(inputs, s, spec) if inputs is not None else None  # before any build
     if s.graph is not None and skeleton is not None:
         from mame_export.evaluate.deployed import check_graph
 
-        check_graph(s.graph, spec, family.io_spec(spec, skeleton, s.img_size), s.img_size)
-    model, source = build_model(spec, s.weights, s.img_size)
-    family.check(model, spec.alias, s.img_size, export=False)
+        check_graph(s.graph, spec, family.io_spec(spec, skeleton, img_size), img_size)
+    built = build(job, log, patch=False)
+    job, model, source = built.job, built.model, built.source
     if inputs is None:
-        inputs = inputs_of(family, spec, model, s.img_size)
+        inputs = inputs_of(family, spec, model, img_size)
         found = find_data(inputs, s, spec)
-    io = family.io_spec(spec, model, s.img_size)
-    prep = family.eval_preprocessing(spec, model, s.img_size)
+    io = job.io
+    assert io is not None
+    prep = family.eval_preprocessing(spec, model, img_size)
     if inputs.kind != "latents":
         check_labels(found, model)
     count = (len(found.paths) if inputs.kind != "latents" else
@@ -123,26 +99,27 @@ def run_eval(spec: ModelSpec, s: EvalSettings, log: Log) -> dict[str, Any]:
             ) if inputs.kind == "latents" else inputs.kind
     log(f"evaluating {spec.alias} ({spec.source_name}, weights: {source}) on {count} {what}"
         + (f" from {s.data}" if s.data is not None else ""))
-    options = family.patch_options(spec, s.img_size)
+    options = family.patch_options(spec, img_size)
     notes: list[str] = []
-    variants = build_variants(model, solve_rs(model, s, options, log), tau=s.tau,
-                              layers=s.layers, prop_attn=s.prop_attn, tome=s.tome,
-                              family=family, patch_options=options, notes=notes)
+    layers = None if job.layers is None else list(job.layers)
+    variants = build_variants(model, list(job.rs), tau=job.tau, layers=layers,
+                              prop_attn=job.prop_attn, tome=s.tome, family=family,
+                              patch_options=options, notes=notes)
     if s.graph is not None:
         from mame_export.evaluate.deployed import graph_variant
 
-        variants.append(graph_variant(s.graph, spec, io, model, s.img_size, s.threads, notes))
+        variants.append(graph_variant(s.graph, spec, io, model, img_size, job.threads, notes))
     report: dict[str, Any] = {"kind": kind_of(io, inputs), "inputs": inputs.kind,
                               "weights": source}
     if inputs.kind == "latents":
-        latents = latent_batches(io, found, count, s.batch)
+        latents = latent_batches(io, found, count, job.batch)
         res = evaluate_unet(variants, io, latents, found is None, log)
         rows, notes = res.rows, [*res.notes, *notes]
         report.update(images=res.latents, labelled=False, class_mapping=None, classes=0,
                       timesteps=res.timesteps)
     else:
         transform = eval_data.transform_from(**prep)
-        rows, more = evaluate_images(variants, io, found, transform, s.batch, log)
+        rows, more = evaluate_images(variants, io, found, transform, job.batch, log)
         notes = [*more, *notes]
         labelled = found.labels is not None
         report.update(images=len(found.paths), labelled=labelled,
