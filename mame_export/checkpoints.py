@@ -66,25 +66,47 @@ def warn_random(reason: str) -> None:
          "(pass --weights PATH to use a local checkpoint)")
 
 
+def error_detail(e: BaseException, limit: int = 200) -> str:
+    """A library's error as one short line (its type named when the text alone says little)."""
+    text = one_line(str(e))
+    detail = f"{type(e).__name__}: {text}" if len(text) < 20 else text
+    if len(detail) > limit:
+        detail = detail[:limit - 3].rsplit(" ", 1)[0] + " ..."
+    return detail
+
+
 def _checkpoint_format(p: Path) -> str:
-    """'safetensors' or 'torch' from the file's first bytes (not its name)."""
-    with open(p, "rb") as f:
-        head = f.read(9)
-    n = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
-    if head[8:9] == b"{" and 2 <= n <= p.stat().st_size - 8:  # header length, then JSON
+    """'safetensors' or 'torch' from the file's first bytes (not its name); a one-line
+    CheckpointError saying what the file is when it is neither."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+        size = p.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {p}: {e.strerror or e}") from None
+    n = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
+    if head[8:9] == b"{" and 2 <= n <= size - 8:  # header length, then JSON
         return "safetensors"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip / legacy pickle
         return "torch"
-    if p.suffix.lower() == ".safetensors":
-        return "safetensors"
-    return "torch"
+    if not head:
+        what = "it is empty (0 bytes)"
+    elif head[8:9] == b"{" and n > size - 8:
+        what = f"a truncated safetensors file (its header needs {n} bytes, the file has {size})"
+    else:
+        what = f"not a safetensors or torch file (it starts with {head!r})"
+    raise CheckpointError(f"cannot read checkpoint {p}: {what}")
+
+
+def _low_precision_keys(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in sd.items() if str(v.dtype).startswith(("torch.float8", "torch.float4"))]
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .safetensors file or a torch state dict (weights_only), unwrapping common wrappers."""
     p = check_file(path, "checkpoint", CheckpointError)
+    fmt = _checkpoint_format(p)
     try:
-        fmt = _checkpoint_format(p)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if fmt == "safetensors":
@@ -92,7 +114,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
                 obj: Any = load_file(str(p), device="cpu")
             else:
-                obj = torch.load(str(p), map_location="cpu", weights_only=True)
+                # An open file, not its name: torch.load reads a *.safetensors name as one.
+                with open(p, "rb") as f:
+                    obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any read failure is a bad file for the user
         if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
             raise CheckpointError(
@@ -100,12 +124,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 "and loading those could run code; re-save it as a plain state dict or as "
                 "safetensors"
             ) from None
-        text = one_line(str(e))
-        detail = f"{type(e).__name__}: {text}" if len(text) < 20 else text
-        if len(detail) > 200:
-            detail = detail[:197].rsplit(" ", 1)[0] + " ..."
         raise CheckpointError(f"cannot read checkpoint {p} (not a readable safetensors or "
-                              f"torch file): {detail}") from None
+                              f"torch file): {error_detail(e)}") from None
     for key in ("state_dict", "model", "model_ema", "module", "params"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -120,6 +140,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if odd:
         raise CheckpointError(f"checkpoint {p} holds {len(odd)} sparse or other non-dense "
                               f"tensor(s) (e.g. {odd[0]}); save dense tensors")
+    low = _low_precision_keys(obj)
+    if low:
+        # Refused, not upcast: such checkpoints come quantized with scales (weight_scale ...)
+        # that a plain upcast ignores, and an fp32 graph of them would claim weights it lacks.
+        kind = str(obj[low[0]].dtype).replace("torch.", "")
+        raise CheckpointError(
+            f"checkpoint {p} holds {len(low)} {kind.split('_')[0]} tensor(s) (e.g. {low[0]} "
+            f"is {kind}); quantized weights are not supported: use a float32, float16 or "
+            "bfloat16 checkpoint")
     for pre in ("module.", "model."):
         if obj and all(k.startswith(pre) for k in obj):
             obj = {k[len(pre):]: v for k, v in obj.items()}

@@ -92,3 +92,17 @@ def test_every_family_is_found_by_name_alias_and_model():
 def test_a_model_of_no_family_is_refused_in_one_line():
     with pytest.raises(TypeError, match="MaMe does not support torch.nn.modules.linear.Linear"):
         mame_export.apply(torch.nn.Linear(2, 2), 0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alias", _entries())
+def test_the_default_export_of_every_alias_passes(alias, tmp_path):
+    """``mame-export ALIAS --weights random`` with every other setting at its default, on
+    the tiny form, which keeps what the real model does that its graph could show (DINOv2:
+    a position table built for another size than it runs at, too large to fold away)."""
+    _, spec = _tiny(alias)
+    req = ExportRequest(model=spec.alias, weights="random", out_dir=tmp_path)
+    meta = run_export(req, log=lambda _: None, spec=spec)
+    assert meta["audit"]["passed"], meta["audit"]["findings"]
+    assert meta["parity"]["passed"], meta["parity"]
+    assert meta["ok"]

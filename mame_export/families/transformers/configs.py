@@ -7,6 +7,8 @@ with random weights and a downloaded or local checkpoint then fits it exactly.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,9 @@ class HFModel:
     video: bool = False  # input (B, 3, T, H, W), permuted to HF's (B, T, 3, H, W) inside
     resizable: bool = False  # other input sizes build (DINOv2 interpolates; VideoMAE's
     # position table is sinusoidal, not a weight)
+    # Its forward interpolates a learned position table to the input size (DINOv2): the
+    # build resamples the table once instead, so the graph holds no Resize.
+    interpolates_position_table: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)  # overrides of a tiny test model
 
 
@@ -99,8 +104,11 @@ DINOV2_S = HFModel(
                 attention_probs_dropout_prob=0.0),
     output="pooler_output",
     resizable=True,
-    # A 6 x 6 position table run at 4 x 4 patches: the tiny model interpolates too.
-    tiny=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=24,
+    interpolates_position_table=True,
+    # An 18 x 18 position table run at 4 x 4 patches, as the real one is built for another
+    # size than it runs at; its 10,368 values are over the exporter's constant-folding limit
+    # (8,192), so a resampling left in the forward shows in the tiny graph as in the real one.
+    tiny=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=72,
               patch_size=4),
 )
 
@@ -112,3 +120,67 @@ MODELS: dict[str, HFModel] = {
 }
 
 TINY_IMG = 16  # input side of every tiny model: 4 x 4 patches of 4 px
+
+# Config fields the exported model never reads, so a folder may differ in them: dropout,
+# init-only values, VideoMAE's pretraining decoder, DINOv2's backbone outputs, and CLIP's
+# projection (the tower's graph leaves that head out).
+_UNREAD_FIELDS = ("dropout", "drop_path", "initializer", "layerscale_value", "decoder_",
+                  "norm_pix_loss", "out_features", "out_indices", "stage_names",
+                  "apply_layernorm", "reshape_hidden_states", "projection_dim")
+
+
+def model_fields(config_class: type) -> list[str]:
+    """The fields ``config_class`` adds to transformers' PretrainedConfig (its own
+    ``__init__`` parameters) that shape the exported model."""
+    from transformers import PretrainedConfig
+
+    base = set(inspect.signature(PretrainedConfig.__init__).parameters)
+    return [name for name, p in inspect.signature(config_class.__init__).parameters.items()
+            if name not in base and name != "self"
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and not any(part in name for part in _UNREAD_FIELDS)]
+
+
+def config_conflict(entry: HFModel, values: Mapping[str, Any],
+                    folder: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first field in which a ``save_pretrained`` folder's config.json (``folder``,
+    parsed JSON) describes another model than ``entry`` built from ``values``: (field,
+    the alias's value, the folder's value); None when it describes the same model.
+
+    A full CLIP / SigLIP folder's ``vision_config`` is compared; ``auto_map`` and other
+    metadata (versions, dtype, labels) are not read."""
+    import transformers
+
+    own_class = getattr(transformers, entry.config_class)
+    own = own_class(**values).to_dict()
+    kind, section, parent = folder.get("model_type"), folder, None
+    if kind is not None and kind != own_class.model_type:
+        key = getattr(own_class, "base_config_key", "")
+        if isinstance(kind, str) and kind in transformers.CONFIG_MAPPING:
+            parent = transformers.CONFIG_MAPPING[kind]
+        if parent is None or not key or parent.sub_configs.get(key) is not own_class \
+                or not isinstance(folder.get(key), Mapping):
+            return "model_type", own_class.model_type, kind
+        section = folder[key]
+    architectures = folder.get("architectures")
+    known = {own_class} if parent is None else {own_class, parent}
+    if isinstance(architectures, str):
+        architectures = [architectures]
+    for name in architectures if isinstance(architectures, list) else []:
+        found = getattr(transformers, name, None) if isinstance(name, str) \
+            and name.isidentifier() and not name.startswith("_") else None
+        if getattr(found, "config_class", None) not in known:
+            return "architectures", [entry.model_class], architectures
+    for name in model_fields(own_class):
+        if name in section and name in own and _as_json(section[name]) != _as_json(own[name]):
+            return name, own[name], section[name]
+    return None
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as JSON reads it back (tuples as lists)."""
+    if isinstance(value, (list, tuple)):
+        return [_as_json(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _as_json(v) for k, v in value.items()}
+    return value
