@@ -293,7 +293,7 @@ def parity_for_graph(graph: Path, runners: list[str], batches: int, seed: int | 
             f"records sha256 {str(recorded)[:12]}..., {graph.name} has {digest[:12]}...; "
             "re-export the graph, or put its own sidecar beside it"
         )
-    precision = graph_precision(load_graph(graph))  # the sidecar only says; the graph is
+    precision = graph_precision(load_graph(graph))  # its weights decide, not its sidecar
     if precision != req.precision:
         raise MetadataError(
             f"metadata sidecar {graph.with_suffix('.json')} records precision "
@@ -303,17 +303,21 @@ def parity_for_graph(graph: Path, runners: list[str], batches: int, seed: int | 
         )
     if weights is not None:
         req.weights = weights
-    spec, model, plan, _ = build_patched(req, log)
+    req.parity_batches, req.seed = batches, seed
+    built = build(resolve_job(req, export=False), log)
+    job, model = built.job, built.model
     if meta.get("weights_sha256") and state_dict_sha256(model) != meta["weights_sha256"]:
         raise MetadataError(
             "rebuilt weights differ from the exported ones (other torch/timm version or "
             "checkpoint); pass the original checkpoint with --weights PATH"
         )
-    io = io_spec(spec, model, req.img_size)
+    io = job.io
+    assert io is not None
     ref, cands = select_runners(model, io, graph, runners)
-    batch = 2 if req.dynamic_batch else req.batch
-    return check_parity(ref, cands, feeds_maker(io, batch), req.precision, batches=batches,
-                        seed=seed, tolerance=tolerance(req, io, model))
+    sizes = job.parity_batch_sizes()
+    return check_parity(ref, cands, feeds_maker(io, sizes), job.precision,
+                        batches=max(batches, len(sizes)), seed=seed,
+                        tolerance=tolerance(job, io, model))
 
 
 def preflight(spec: ModelSpec, req: ExportRequest, export: bool) -> None:

@@ -49,7 +49,10 @@ def metadata(req: Job | ExportRequest, spec: ModelSpec, plan: MergePlan, source:
         "model": {"name": req.model, "alias": spec.alias, "source": spec.source_name,
                   "family": spec.family},
         "weights": source,
-        "settings": {"r": req.r, "tau": req.tau, "layers": plan.merge_layers, "mode": req.mode,
+        "settings": {"r": req.r, "tau": req.tau,
+                     # the layers asked for (None: the default): the schedule depends on
+                     # them, and a block of them may end up merging nothing
+                     "layers": None if req.layers is None else list(req.layers), "mode": req.mode,
                      "prop_attn": req.prop_attn, "llava": req.llava,
                      "opset": result.opset or req.opset, "precision": req.precision,
                      "batch": batch, "img_size": req.img_size or spec.img_size},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -100,3 +101,20 @@ def test_onnxruntime_import_holds_signals(monkeypatch, capsys) -> None:
     assert seen == ["onnxruntime"]
     assert code == 128 + signal.SIGTERM
     assert "interrupted (SIGTERM)" in capsys.readouterr().err
+
+
+def test_sidecar_rebuilds_the_exported_schedule(tmp_path) -> None:
+    """The sidecar recorded the blocks that merged instead of the layers asked for; at 64
+    px one default block merges nothing, and the rebuilt reference took another schedule."""
+    from mame_export.request import build
+    from mame_export.sidecar import read_sidecar
+
+    req = ExportRequest(model="vit_t", img_size=64, weights="random", out_dir=tmp_path,
+                        parity_batches=1, seed=0, runners=("onnxrt",))
+    from mame_export.job import run_export
+
+    meta = run_export(req, log=lambda _m: None)
+    _, again = read_sidecar(Path(meta["onnx"]))
+    rebuilt = build(resolve_job(again, export=False), log=lambda _m: None)
+    assert rebuilt.plan is not None
+    assert rebuilt.plan.tokens_per_block == meta["plan"]["tokens_per_block"]

@@ -4,9 +4,10 @@ runner factory, on this machine's CPU. No test asserts a timing, only that it is
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, save
+from onnx import TensorProto, helper, numpy_helper, save
 
 from mame_export.errors import UserError
 from mame_export.profile import TimingSettings, measure_interleaved
@@ -127,3 +128,79 @@ def test_one_input_cast():
     t = cast_input(a, torch.float16, "cpu")
     assert isinstance(t, torch.Tensor) and t.dtype == torch.float16
     assert cast_input(a, None, "cpu").dtype == torch.float32
+
+
+# ---- merge decisions: the same comparisons, read from a graph and from eager PyTorch ------
+
+
+class ClampNegatives(torch.nn.Module):
+    """logits = pixels where pixels >= 0, else 0: one data-dependent comparison."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels * (pixels < 0.0).logical_not()
+
+
+@pytest.fixture()
+def compare_graph(tmp_path):
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    nodes = [helper.make_node("Less", ["pixels", "zero"], ["negative"]),
+             helper.make_node("Not", ["negative"], ["kept"]),
+             helper.make_node("Cast", ["kept"], ["mask"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["pixels", "mask"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [x], [y], [zero])
+    path = tmp_path / "clamp.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def test_both_sides_show_the_same_decisions(compare_graph):
+    expected = [np.array([[False, True]]), np.array([[True, False]])]
+    ort = make_runner("onnxrt", onnx_path=compare_graph, threads=1)
+    eager = make_runner("torch", model=ClampNegatives())
+    for runner in (ort, eager):
+        for feeds, negative in zip(FEEDS, expected, strict=True):
+            outputs, decisions = runner.infer_with_decisions(feeds)
+            assert np.array_equal(outputs["logits"], runner.infer(feeds)["logits"])
+            assert len(decisions) == 1 and np.array_equal(decisions[0], negative)
+    assert [o.name for o in ort.session.get_outputs()] == ["logits"]  # the graph as it is
+    ort.deactivate()
+    compiled = make_runner("torch-compile", model=ClampNegatives(), compile_backend="eager")
+    assert compiled.infer_with_decisions(FEEDS[0]) is None  # compiled: nothing to record
+
+
+def test_decisions_that_cannot_be_paired_say_why():
+    from mame_export.runners.decisions import per_sample_differences
+
+    a, b = np.array([[True, False]]), np.array([[True, True]])
+    assert per_sample_differences([a], [b], 1).tolist() == [True]
+    assert per_sample_differences([a], [a], 1).tolist() == [False]
+    assert "2 data-dependent comparisons" in per_sample_differences([a], [a, a], 1)
+    assert "shape [1, 3]" in per_sample_differences([a], [np.ones((1, 3), bool)], 1)
+    assert "no axis of 2 sample(s)" in per_sample_differences([a], [b], 2)
+
+
+class TwoOutputs(torch.nn.Module):
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pixels, pixels + 1
+
+
+def test_a_model_output_without_a_name_is_an_error_not_dropped():
+    two = make_runner("torch", model=TwoOutputs())  # one declared name: logits
+    with pytest.raises(ValueError, match="returned 2 output"):
+        two.infer(FEEDS[0])
+
+
+def test_decisions_of_a_graph_with_external_weights(compare_graph, tmp_path):
+    model = onnx.load(str(compare_graph))
+    model.graph.initializer[0].CopyFrom(  # raw data: only that can go to a side file
+        numpy_helper.from_array(np.zeros((2,), np.float32), "zero"))
+    external = tmp_path / "external" / "clamp.onnx"
+    external.parent.mkdir()
+    onnx.save(model, str(external), save_as_external_data=True, size_threshold=0,
+              location="clamp.onnx.data")
+    assert onnx.load(str(external), load_external_data=False).graph.initializer[0].external_data
+    runner = make_runner("onnxrt", onnx_path=external, threads=1)
+    _, decisions = runner.infer_with_decisions(FEEDS[0])
+    assert np.array_equal(decisions[0], [[False, True]])

@@ -13,11 +13,17 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from mame_export.artifacts import sha256_file
 from mame_export.errors import UserError
+from mame_export.families import IOSpec
 from mame_export.graph import graph_inputs
+from mame_export.job import build_and_check_engine
+from mame_export.request import ExportRequest
+from mame_export.runners import OrtRunner, Runner
+from mame_export.runners.tensorrt import TrtRunner
 from mame_export.trt import detect, engine, support
 from mame_export.trt.engine import (
     EngineBuildError,
@@ -30,7 +36,6 @@ from mame_export.trt.engine import (
     resolve_profile,
     sidecar_path,
 )
-from mame_export.trt.runner import TrtRunner
 from mame_export.trt.support import trt_preflight
 
 GPU = "NVIDIA H100 80GB HBM3"
@@ -260,12 +265,13 @@ def test_runner_is_skipped_without_tensorrt_or_cuda(no_trt: None, monkeypatch,
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert runner.availability() == (False, "no CUDA device visible to PyTorch")
     assert runner.name == "tensorrt"
+    assert runner.infer_with_decisions({}) is None  # an engine does not show its merges
 
 
 def test_runner_refuses_an_engine_built_elsewhere(fake_trt: FakeTRT, monkeypatch,
                                                   tmp_path: Path) -> None:
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    monkeypatch.setattr("mame_export.trt.runner.gpu_name", lambda: "NVIDIA L4")
+    monkeypatch.setattr("mame_export.runners.tensorrt.gpu_name", lambda: "NVIDIA L4")
     plan = tmp_path / "m.plan"
     plan.write_bytes(b"x")
     sidecar_path(plan).write_text(json.dumps({"tensorrt_version": "10.13.0.35",
@@ -662,3 +668,56 @@ def test_support_table_covers_vit_ops_and_names_its_source() -> None:
                "Range", "Sigmoid", "Tanh", "Neg", "Reciprocal"]
     assert [op for op in vit_ops if not ops[op]["supported"]] == []
     assert all("FP32" in ops[op]["types"] for op in vit_ops if op not in ("Where", "Equal"))
+
+
+# --- --trt: the engine's parity through the runner factory and the one comparison ---------
+
+class StandInEngine(Runner):
+    """Plays the engine the fake TensorRT built: runs its source graph with ONNX Runtime."""
+
+    name = "tensorrt"
+
+    def __init__(self, plan: Path) -> None:
+        meta = engine.read_sidecar(plan)
+        assert meta is not None
+        self.graph = OrtRunner(meta["source_graph"]["path"], threads=1)
+
+    def _deactivate(self) -> None:
+        self.graph.deactivate()
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.graph.infer(feeds)
+
+
+class TinyTorch(torch.nn.Module):
+    """What :func:`tiny_graph` computes, in PyTorch: the eager reference."""
+
+    def __init__(self, graph: onnx.ModelProto) -> None:
+        super().__init__()
+        weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
+                   for i in graph.graph.initializer}
+        self.w, self.fc = weights["w"], weights["fc"]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(images, self.w, stride=4).flatten(1) @ self.fc
+
+
+@pytest.mark.parametrize("dynamic,samples", [(False, 2), (True, 1 + 2 + 4)])
+def test_trt_parity_runs_the_factorys_tensorrt_runner(fake_trt: FakeTRT, monkeypatch,
+                                                     tmp_path: Path, dynamic: bool,
+                                                     samples: int) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("mame_export.runners.tensorrt.TrtRunner", StandInEngine)
+    model = tiny_graph(batch="batch" if dynamic else 1)
+    graph = save(model, tmp_path / "tiny.onnx")
+    options = EngineOptions(min_batch=1, opt_batch=2, max_batch=4) if dynamic else \
+        EngineOptions()
+    req = ExportRequest("tiny", batch=1, dynamic_batch=dynamic, parity_batches=2, seed=0,
+                        trt=options, engines_dir=tmp_path / "engines")
+    io = IOSpec(("images",), ("logits",),
+                lambda b, g: (torch.randn(b, 3, 8, 8, generator=g),))
+    got = build_and_check_engine(req, TinyTorch(model), io, graph, log=lambda msg: None)
+    assert got["parity"]["passed"], got["parity"]
+    (result,) = got["parity"]["runners"]  # each batch of the engine's profile, in turn
+    assert result["runner"] == "tensorrt" and result["samples"] == samples
+    assert got["reused"] is False and fake_trt.calls["builds"] == 1  # the runner reused it

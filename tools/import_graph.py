@@ -26,8 +26,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("families",),  # the registry, each family's model, patch and checks
     ("patch", "baselines"),  # the library entry point (apply, merge_plan), the ToMe baseline
     ("export", "trt.detect", "trt.support", "runners"),
-    # runners.factory makes any runner by name, the TensorRT ones included
-    ("audit", "trt.engine", "trt.runner", "trt", "runners.factory", "parity"),
+    # runners.factory makes any runner by name, the TensorRT ones (which build engines) included
+    ("audit", "trt.engine", "trt", "runners.tensorrt", "runners.factory", "parity"),
     ("request", "sidecar", "profile", "evaluate"),
     ("job",),
     ("cli", "__main__", ""),  # "" is the package's own __init__ (lazy exports)

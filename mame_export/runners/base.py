@@ -2,7 +2,8 @@
 
 A runner says whether it can run here (``availability``), acquires what it needs
 (``activate``: a session, an engine, device memory), runs (``infer``, or a
-``TimedStep`` from ``prepare_timing`` for latency) and lets go (``deactivate``).
+``TimedStep`` from ``prepare_timing`` for latency; ``infer_with_decisions`` where it can
+show which tokens its merges chose) and lets go (``deactivate``).
 Nothing outside a runner touches its session, engine or buffers: a profiler asks
 the runner for a timed step, which owns its synchronisation.
 """
@@ -90,6 +91,13 @@ class Runner:
     def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
         """Named float32 numpy outputs for named numpy inputs."""
         raise NotImplementedError
+
+    def infer_with_decisions(self, feeds: Feeds
+                             ) -> tuple[dict[str, np.ndarray], list[np.ndarray]] | None:
+        """Named outputs for ``feeds`` and the merge decisions that made them (boolean
+        arrays, :mod:`mame_export.runners.decisions`); None where this runner cannot read
+        its decisions (then none of its samples may pass as a selection flip)."""
+        return None
 
     def prepare_timing(self, feeds: Sequence[Feeds]) -> TimedStep:
         """A step that times one inference, with ``feeds`` staged where the backend reads

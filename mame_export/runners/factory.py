@@ -78,7 +78,7 @@ def make_runner(
     if onnx_path is None:
         raise ValueError(f"runner {name} needs an ONNX graph")
     if name == "tensorrt":
-        from mame_export.trt.runner import TrtGraphRunner
+        from mame_export.runners.tensorrt import TrtGraphRunner
 
         runner: Runner = TrtGraphRunner(onnx_path, trt_options, Path(engines_dir))
         runner.name = label or name

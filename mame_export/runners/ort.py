@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from mame_export.runners.base import Feeds, Runner, TimedStep, cast_input
+from mame_export.runners.decisions import with_decision_outputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -60,11 +62,14 @@ class OrtRunner(Runner):
         self.name = name or ("onnxrt-cuda" if provider == "cuda" else "onnxrt")
         self.session: Any = None
         self._input_types: dict[str, str] = {}
+        self._decisions: tuple[Any, list[str]] | None = None  # a session, its decisions
 
     def availability(self) -> tuple[bool, str]:
         return ort_availability(self.provider)
 
-    def _activate(self) -> None:
+    def _session(self, model: Path | bytes) -> Any:
+        """A session on the graph at a path, or on a serialized graph whose external data
+        (if any) lies beside ``self.path``."""
         ort = _ort()
         opts = ort.SessionOptions()
         if self.threads:
@@ -73,15 +78,22 @@ class OrtRunner(Runner):
         if not self.spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        providers = [PROVIDERS[self.provider]]
-        self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
-        self._input_types = {i.name: i.type for i in self.session.get_inputs()}
-        if self.provider == "cuda" and PROVIDERS["cuda"] not in self.session.get_providers():
-            self.session = None
+        if isinstance(model, bytes):
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                          str(self.path.resolve().parent))
+        source = model if isinstance(model, bytes) else str(model)
+        session = ort.InferenceSession(source, opts, providers=[PROVIDERS[self.provider]])
+        if self.provider == "cuda" and PROVIDERS["cuda"] not in session.get_providers():
             raise RuntimeError("ONNX Runtime fell back from CUDA to CPU for this graph")
+        return session
+
+    def _activate(self) -> None:
+        self.session = self._session(self.path)
+        self._input_types = {i.name: i.type for i in self.session.get_inputs()}
 
     def _deactivate(self) -> None:
         self.session = None  # the session owns its device memory and threads
+        self._decisions = None
 
     @property
     def input_names(self) -> list[str]:
@@ -96,7 +108,23 @@ class OrtRunner(Runner):
         self.activate()
         names = [o.name for o in self.session.get_outputs()]
         outs = self.session.run(names, self._feeds(feeds))
-        return {n: np.asarray(o, dtype=np.float32) for n, o in zip(names, outs, strict=False)}
+        return {n: np.asarray(o, dtype=np.float32) for n, o in zip(names, outs, strict=True)}
+
+    def infer_with_decisions(self, feeds: Feeds
+                             ) -> tuple[dict[str, np.ndarray], list[np.ndarray]] | None:
+        """A second session, on a copy of the graph that also outputs its decision tensors
+        (the graph itself is left as it is, so its own run is what parity compares)."""
+        self.activate()
+        if self._decisions is None:
+            graph, names = with_decision_outputs(onnx.load(str(self.path),
+                                                           load_external_data=False))
+            self._decisions = self._session(graph.SerializeToString()), names
+        session, decisions = self._decisions
+        names = [o.name for o in self.session.get_outputs()]
+        fetch = list(dict.fromkeys(names + decisions))
+        got = dict(zip(fetch, session.run(fetch, self._feeds(feeds)), strict=True))
+        return ({n: np.asarray(got[n], dtype=np.float32) for n in names},
+                [np.asarray(got[n], dtype=bool) for n in decisions])
 
     def _timed_step(self, feeds: Sequence[Feeds]) -> TimedStep:
         session = self.session

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mame_export.runners.base import Feeds, Runner, TimedStep, cast_input, free_cuda_cache
+from mame_export.runners.decisions import DecisionRecorder
 
 
 def torch_availability(device: str | torch.device) -> tuple[bool, str]:
@@ -80,8 +81,23 @@ class TorchRunner(Runner):
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
-        outs = self.infer_tensors(feeds)
-        pairs = zip(self.output_names, outs, strict=False)
+        return self._named(self.infer_tensors(feeds))
+
+    def infer_with_decisions(self, feeds: Feeds
+                             ) -> tuple[dict[str, np.ndarray], list[np.ndarray]] | None:
+        if self.compile:  # a compiled graph runs no Python comparisons to record
+            return None
+        with DecisionRecorder() as recorder:
+            outs = self.infer_tensors(feeds)
+        return self._named(outs), [d.cpu().numpy() for d in recorder.decisions]
+
+    def _named(self, outs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+        """The outputs by their declared names; a count that differs is an error, never a
+        silently dropped output."""
+        if len(outs) != len(self.output_names):
+            raise ValueError(f"the model returned {len(outs)} output(s) for the "
+                             f"{len(self.output_names)} declared: {', '.join(self.output_names)}")
+        pairs = zip(self.output_names, outs, strict=True)
         return {n: o.detach().float().cpu().numpy() for n, o in pairs}
 
     def _timed_step(self, feeds: Sequence[Feeds]) -> TimedStep:

@@ -3,8 +3,8 @@
 Nothing here imports ``tensorrt`` at module level: the package imports, and its CPU-side logic
 runs, on machines without TensorRT. This ``__init__`` re-exports only the light modules
 (detection, pre-flight: onnx and numpy; its findings are
-:class:`mame_export.graph.Finding`); import builds from ``mame_export.trt.engine`` and the
-runner from ``mame_export.trt.runner`` (both pull in torch).
+:class:`mame_export.graph.Finding`); import builds from ``mame_export.trt.engine`` (it pulls
+in torch). The engine runners are ``mame_export.runners.tensorrt``, beside the other runners.
 """
 
 from mame_export.trt.detect import INSTALL_HINT, tensorrt_status, tensorrt_version

@@ -2,6 +2,9 @@
 
 Buffers are torch CUDA tensors and work is queued on a torch CUDA stream, so no pycuda or
 cuda-python is needed. Outputs come back as float32 numpy arrays, like every other runner.
+An engine does not show its merge decisions (``infer_with_decisions`` gives None): no
+TensorRT sample passes parity as a selection flip. Above the runner layer, beside the
+engine builds (``mame_export.trt.engine``) that ``TrtGraphRunner`` calls.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ import torch
 from mame_export.errors import UserError
 from mame_export.runners.base import Feeds, Runner, TimedStep, cast_input, free_cuda_cache
 from mame_export.trt.detect import tensorrt_reason, tensorrt_version
-from mame_export.trt.engine import TensorRTUnavailable, gpu_name, read_sidecar
+from mame_export.trt.engine import (
+    EngineOptions,
+    TensorRTUnavailable,
+    build_engine,
+    gpu_name,
+    read_sidecar,
+)
 
 if TYPE_CHECKING:
     import tensorrt
@@ -186,10 +195,8 @@ class TrtGraphRunner(Runner):
 
     name = "tensorrt"
 
-    def __init__(self, onnx_path: str | os.PathLike[str], options: Any = None,
+    def __init__(self, onnx_path: str | os.PathLike[str], options: EngineOptions | None = None,
                  engines_dir: str | os.PathLike[str] = "engines") -> None:
-        from mame_export.trt.engine import EngineOptions
-
         self.onnx_path = Path(onnx_path)
         self.options = options or EngineOptions()
         self.engines_dir = Path(engines_dir)
@@ -200,8 +207,6 @@ class TrtGraphRunner(Runner):
         return not reason, reason
 
     def _activate(self) -> None:
-        from mame_export.trt.engine import build_engine
-
         result = build_engine(self.onnx_path, self.options, self.engines_dir, self.onnx_path.stem)
         inner = TrtRunner(result.plan)
         ok, reason = inner.availability()
