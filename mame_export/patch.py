@@ -3,13 +3,18 @@ plan, or solve r for a MACs target. Each family's patch is in ``families/<name>/
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch.nn as nn
 
+from mame_export.errors import warn
 from mame_export.plan import MergePlan, check_ratio, check_target_macs, check_tau
 
 MODES = ("static", "adaptive")
 DEFAULT_TAU = {"static": 1.0, "adaptive": 0.8}  # per mode; see apply's tau
-_R_MAX = 0.999
+R_TOP = math.nextafter(1.0, 0.0)  # the largest r below 1: the fewest tokens a plan can keep
+_warned: set[str] = set()  # warnings this process has shown (each once)
 
 
 def supported_families() -> list[str]:
@@ -58,38 +63,103 @@ def apply(
         raise ValueError("model is already ToMe-patched; apply MaMe to an unpatched model")
     from mame_export.families import family_for_model
 
-    patch = family_for_model(model).patch()
-    return patch.apply(model, r, tau=tau, layers=layers, prop_attn=prop_attn, mode=mode,
-                       **family_options)
+    model = family_for_model(model).patcher.apply(
+        model, r, tau=tau, layers=layers, prop_attn=prop_attn, mode=mode, **family_options)
+    _warn_if_costlier(merge_plan(model))
+    return model
+
+
+def _warn_if_costlier(plan: MergePlan) -> None:
+    """A warning, once per plan, when merging costs more MACs than it saves."""
+    if plan.flops_ratio <= 1.0:
+        return
+    msg = (f"merging costs more than it saves: the {plan.family} plan at r={plan.r:g} "
+           f"({plan.num_patches} patches) has a MACs ratio of {plan.flops_ratio:.3f} > 1 "
+           "(the merge's own products outgrow what fewer tokens save); use fewer merge "
+           "layers, a smaller r or a smaller input")
+    if msg not in _warned:
+        _warned.add(msg)
+        warn(msg)
 
 
 def solve_r(model: nn.Module, target_macs: float, **apply_kwargs: object) -> float:
     """The smallest r whose plan has a MACs ratio <= ``target_macs``; leaves ``model``
-    patched at that r. Raises ValueError if no r in [0, 0.999] reaches the target."""
+    patched at that r. Raises ValueError if no r in [0, 1) reaches the target.
+
+    Plans are built without patching (the family's ``build_plan``); token counts are a step
+    function of r, so the search runs over ``log(1 - r)`` (steps crowd towards r = 1) up
+    to :data:`R_TOP`, where every merge block keeps the fewest tokens it can."""
+    from mame_export.families import family_for_model
+
     check_target_macs(target_macs)
+    settings = dict(apply_kwargs)
+    mode = str(settings.get("mode", "static"))
+    if settings.get("tau") is None:
+        settings["tau"] = DEFAULT_TAU.get(mode, 1.0)
+    patcher = family_for_model(model).patcher
 
-    def ratio(r: float) -> float:
-        apply(model, r, **apply_kwargs)  # type: ignore[arg-type]
-        return merge_plan(model).flops_ratio
+    def plan(r: float) -> MergePlan:
+        return patcher.build_plan(model, r, **settings)  # type: ignore[arg-type]
 
-    if ratio(0.0) <= target_macs:
-        return 0.0
-    best = ratio(_R_MAX)
-    if best > target_macs:
+    def reaches(r: float) -> bool:
+        return plan(r).flops_ratio <= target_macs
+
+    if reaches(0.0):
+        return _apply_solved(model, 0.0, apply_kwargs)
+    best = plan(R_TOP)
+    if best.flops_ratio > target_macs:
+        r_best = _shortest(_step_start(plan, R_TOP), plan)
         raise ValueError(
-            f"MACs ratio {target_macs:g} is out of reach: r={_R_MAX} in these merge layers "
-            f"gives {best:.3f}; merge in more blocks (layers) or ask for more MACs"
+            f"MACs ratio {target_macs:g} is out of reach: in these merge layers the best is "
+            f"{best.flops_ratio:.3f}, at r={r_best!r} and above (every merge block keeps the "
+            "fewest tokens it can); merge in more blocks (layers) or ask for more MACs"
         )
-    lo, hi = 0.0, _R_MAX
-    for _ in range(40):  # the ratio is a step function of r: bisect to the step's edge
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if ratio(mid) <= target_macs else (mid, hi)
-        if hi - lo < 1e-5:
-            break
-    r = round(hi, 4)
-    if ratio(r) > target_macs:
-        r = hi
-        ratio(r)
+    r = _bisect(lambda x: not reaches(x), 0.0, R_TOP)
+    return _apply_solved(model, _shortest(r, plan), apply_kwargs)
+
+
+PlanAt = Callable[[float], MergePlan]
+
+
+def _apply_solved(model: nn.Module, r: float, apply_kwargs: dict[str, object]) -> float:
+    apply(model, r, **apply_kwargs)  # type: ignore[arg-type]
+    return r
+
+
+def _counts(plan: MergePlan) -> tuple[tuple[int, int], ...]:
+    return tuple((b.tokens_in, b.tokens_out) for b in plan.blocks)
+
+
+def _bisect(before: Callable[[float], bool], lo: float, hi: float) -> float:
+    """The r in (lo, hi] where ``before`` turns False (True at lo, False at hi), to the
+    float: bisection over ``-log(1 - r)``, which spreads the steps crowding near 1."""
+    u_lo, u_hi = -math.log1p(-lo), -math.log1p(-hi)
+    while True:
+        u_mid = 0.5 * (u_lo + u_hi)
+        mid = -math.expm1(-u_mid)
+        if not lo < mid < hi:
+            return hi
+        if before(mid):
+            lo, u_lo = mid, u_mid
+        else:
+            hi, u_hi = mid, u_mid
+
+
+def _step_start(plan: PlanAt, r: float) -> float:
+    """The smallest r whose plan has the same token counts as the plan at ``r``."""
+    counts = _counts(plan(r))
+    if _counts(plan(0.0)) == counts:
+        return 0.0
+    return _bisect(lambda x: _counts(plan(x)) != counts, 0.0, r)
+
+
+def _shortest(r: float, plan: PlanAt) -> float:
+    """The shortest decimal (4 places or more) below 1 with the same plan as ``r``."""
+    counts = _counts(plan(r))
+    for places in range(4, 18):
+        short = round(r, places)
+        if short < 1.0 and _counts(plan(short)) == counts:
+            return short
     return r
 
 

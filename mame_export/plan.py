@@ -3,15 +3,30 @@
 A plan says how many tokens enter and leave each block and what that costs
 (MACs of the patched vs. the unpatched model). The forward pass reads it and
 never changes it, so a traced graph is fully determined by the plan.
+
+:func:`build_plan` is the one plan builder; each family answers its questions through
+:class:`PlanHooks` (tokens per block at an input size, protected tokens, MACs of a list
+of blocks, default merge layers). Nothing here runs a model: plans are arithmetic on the
+modules' shapes, so planning any input size is instant.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+Size = int | tuple[int, int]
+"""An input size: a square side or (height, width); for a UNet, of its latent."""
+
+# The largest block a plan accepts. One head's (N, N) float32 attention map is then at most
+# 1 GiB (16384**2 * 4 bytes), and the merge's (N/2, N/2) products a quarter of that; past
+# it, eager runs, exports and parity checks need tens of GB for a single image.
+MAX_TOKENS = 16384
+TOKEN_RULE = (f"at most {MAX_TOKENS} tokens per block (one head's (N, N) float32 attention "
+              "map is then at most 1 GiB)")
 
 
 @dataclass(frozen=True)
@@ -60,10 +75,25 @@ class MergePlan:
     macs: int
     macs_unpatched: int
     notes: tuple[str, ...] = field(default=())
+    schedule_layers: tuple[int, ...] = ()
+    """The merge layers asked for: each counts in the compounded ratio, even one whose
+    rounded count does not drop (so it does not merge: see :attr:`merge_layers`)."""
+    keep_counts: tuple[int | None, ...] = ()
+    """Per block: the mergeable tokens it keeps, None where it does not merge. What the
+    patched forward runs (see :meth:`keep_counts_for`)."""
 
     @property
     def merge_layers(self) -> list[int]:
         return [b.index for b in self.blocks if b.merges]
+
+    def keep_counts_for(self, num_patches: int) -> tuple[int | None, ...]:
+        """The keep schedule a forward with ``num_patches`` mergeable tokens runs: the
+        stored one for the plan's own count; for another count (a model that takes other
+        input sizes) the same r and layers over that count. Plain arithmetic, which
+        ``torch.compile`` folds into constants (the stored tuple never traces r)."""
+        if num_patches == self.num_patches:
+            return self.keep_counts
+        return keep_schedule(num_patches, self.r, self.schedule_layers, len(self.blocks))
 
     @property
     def tokens_per_block(self) -> list[int]:
@@ -151,26 +181,110 @@ def keep_schedule(num_patches: int, r: float, merge_layers: Sequence[int],
     return tuple(n if n < p else None for n, p in zip(out, prev, strict=True))
 
 
-def block_plans(num_patches: int, protected: int,
-                schedule: Sequence[int | None]) -> list[BlockPlan]:
-    """The BlockPlans of a keep schedule (:func:`keep_schedule`); counts include the
-    ``protected`` tokens."""
-    plans, n = [], num_patches
-    for i, n_keep in enumerate(schedule):
+def block_plans(tokens: Sequence[int], protected: int, keep: Sequence[int | None],
+                restores: bool = False) -> list[BlockPlan]:
+    """The BlockPlans of a keep schedule; counts include the ``protected`` tokens.
+
+    ``tokens``: mergeable tokens entering each block when nothing merges. Merged tokens
+    flow on to the next block, unless ``restores`` (MaRe puts every position back after
+    each block: a block's count is its own)."""
+    plans, n = [], tokens[0] if tokens else 0
+    for i, (n_in, n_keep) in enumerate(zip(tokens, keep, strict=True)):
+        if restores:
+            n = n_in
         n_out = n if n_keep is None else n_keep
         plans.append(BlockPlan(i, n + protected, n_out + protected, n_keep is not None))
         n = n_out
     return plans
 
 
-def merge_layers_or_default(layers: Sequence[int] | None, depth: int) -> list[int]:
-    """``layers`` sorted without repeats, or the default (:func:`default_merge_layers`);
-    ValueError for an index outside ``[0, depth)``."""
-    chosen = default_merge_layers(depth) if layers is None else sorted(set(layers))
+def merge_layers_or_default(layers: Sequence[int] | None, depth: int,
+                            default: Callable[[int], list[int]] | None = None) -> list[int]:
+    """``layers`` sorted without repeats, or ``default(depth)`` (by default
+    :func:`default_merge_layers`); ValueError for an index outside ``[0, depth)``."""
+    if layers is None:
+        chosen = (default or default_merge_layers)(depth)
+    else:
+        chosen = sorted(set(layers))
     bad = [i for i in chosen if not 0 <= i < depth]
     if bad:
         raise ValueError(f"layers {bad} out of range for a model with {depth} blocks")
     return chosen
+
+
+class PlanHooks(Protocol):
+    """What :func:`build_plan` asks a family about one model (families/base.Patcher)."""
+
+    family: str  # the name the plan carries
+    restores: bool  # MaRe restores every position after each block: counts do not compound
+
+    def block_tokens(self, model: Any, size: Size | None) -> list[int]:
+        """Mergeable tokens entering each block a forward runs, when nothing merges."""
+        ...
+
+    def num_patches(self, model: Any, size: Size | None) -> int:
+        """Patch tokens at ``size`` (None: the model's own)."""
+        ...
+
+    def protected(self, model: Any) -> int:
+        """Leading tokens that never merge (class, distillation, registers)."""
+        ...
+
+    def default_layers(self, depth: int) -> list[int]:
+        """The merge layers when none are given."""
+        ...
+
+    def keep_counts(self, tokens: Sequence[int], r: float,
+                    layers: Sequence[int]) -> tuple[int | None, ...]:
+        """Per block: mergeable tokens kept at ``r``, None where it does not merge."""
+        ...
+
+    def macs(self, model: Any, size: Size | None, blocks: Sequence[BlockPlan],
+             merge_cost: bool, **options: Any) -> int:
+        """MACs of one batch-1 forward running ``blocks`` (the merge's own products with
+        ``merge_cost``)."""
+        ...
+
+    def notes(self, model: Any, size: Size | None, blocks: Sequence[BlockPlan],
+              **options: Any) -> list[str]:
+        """What the table should say about this family's plan."""
+        ...
+
+
+def check_block_tokens(tokens: int) -> None:
+    """ValueError for a block of more tokens than a plan accepts (:data:`MAX_TOKENS`)."""
+    if tokens > MAX_TOKENS:
+        raise ValueError(f"{tokens} tokens in one block at this input size: MaMe plans "
+                         f"{TOKEN_RULE}; use a smaller input size")
+
+
+def build_plan(hooks: PlanHooks, model: Any, r: float, tau: float, layers: Sequence[int] | None,
+               prop_attn: bool, mode: str, size: Size | None = None,
+               **options: Any) -> MergePlan:
+    """The merge plan of ``model`` (patched or not) at input ``size`` (None: its own),
+    from the family's ``hooks``: tokens per block, keep schedule, MACs, notes."""
+    check_ratio(r)
+    check_tau(tau)
+    tokens = hooks.block_tokens(model, size)
+    protected = hooks.protected(model)
+    check_block_tokens(max(tokens, default=0) + protected)
+    chosen = merge_layers_or_default(layers, len(tokens), hooks.default_layers)
+    keep = hooks.keep_counts(tokens, r, chosen)
+    blocks = block_plans(tokens, protected, keep, hooks.restores)
+    unpatched = block_plans(tokens, protected, (None,) * len(tokens), hooks.restores)
+    notes = []
+    if mode == "adaptive":
+        notes.append("adaptive mode: token counts shown are the static floor; retained "
+                     "distinctive sources add to them at run time")
+    notes += hooks.notes(model, size, blocks, **options)
+    return MergePlan(
+        family=hooks.family, r=float(r), tau=float(tau), mode=mode, prop_attn=prop_attn,
+        num_patches=hooks.num_patches(model, size), num_protected=protected,
+        blocks=tuple(blocks),
+        macs=int(hooks.macs(model, size, blocks, True, **options)),
+        macs_unpatched=int(hooks.macs(model, size, unpatched, False, **options)),
+        notes=tuple(notes), schedule_layers=tuple(chosen), keep_counts=tuple(keep),
+    )
 
 
 DEFAULT_MERGE_BLOCKS = 8

@@ -109,7 +109,7 @@ def test_target_macs_solves_r_and_out_of_reach_is_one_line(capsys) -> None:
     assert main(["plan", "vit_t", "--target-macs", "0.05"]) == 2
     assert_one_line_error(capsys.readouterr().err, "out of reach")
     assert main(["plan", "vit_t", "--target-macs", "1.5"]) == 2
-    assert_one_line_error(capsys.readouterr().err, "target MACs ratio must be in")
+    assert_one_line_error(capsys.readouterr().err, "--target-macs must be in (0, 1]")
 
 
 def test_img_size_builds_the_model_before_the_checkpoint_loads(tmp_path, capsys) -> None:

@@ -33,10 +33,11 @@ from mame_export.families.sd_unet.model import (  # noqa: E402
 from mame_export.ops.grid import dither_order, grid_partition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "benchmarks" / "scripts"  # the one-off studies
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

@@ -31,15 +31,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mame_export.families.swap import swap
-from mame_export.families.timm_vit import patch as timm_vit
-from mame_export.families.timm_vit.patch import SizedAttention, head_with_sizes, no_extra_args
+from mame_export.families.timm_vit.patch import (
+    PATCHER,
+    PLAIN_POOLS,
+    SizedAttention,
+    check_supported,
+    head_with_sizes,
+    no_extra_args,
+)
 from mame_export.families.tokens import log_size_bias, merge_unprotected
 from mame_export.plan import BlockPlan, BlockSettings, MergePlan, check_ratio
 
 FAMILY = "tome"
 _PREFIX = "ToMe"
-_SIZE_POOLS = ("avg", "avgmax")
-_PLAIN_POOLS = ("token", "max", "")
 _EPS = 1e-6
 
 
@@ -112,8 +116,6 @@ def merge_wavg(
     return summed / new_sizes.to(x.dtype), new_sizes
 
 
-
-
 class _ToMeBlock:
     """Mixin for timm ``Block``: attention, then ToMe (if this block merges), then the MLP."""
 
@@ -167,7 +169,7 @@ class _ToMeVisionTransformer:
     def forward_head(  # type: ignore[override]
         self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.attn_pool is None and self.global_pool in _PLAIN_POOLS:
+        if self.attn_pool is None and self.global_pool in PLAIN_POOLS:
             return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
         return head_with_sizes(self, x, size, self._tome_plan.prop_attn, pre_logits)
 
@@ -189,7 +191,7 @@ def _removal_schedule(
         raise ValueError("give exactly one of r (fraction, MaMe's schedule) or r_tokens")
     if r is not None:
         check_ratio(r)
-        mame = timm_vit.build_plan(model, r, 0.0, layers, True, "static")
+        mame = PATCHER.build_plan(model, r, 0.0, layers, True, "static")
         for b in mame.blocks:
             n_in, removed = b.tokens_in - p, b.tokens_in - b.tokens_out
             if removed > max_tokens_removed(n_in):
@@ -210,7 +212,7 @@ def _removal_schedule(
             raise ValueError(f"r_tokens has {len(per_block)} entries; the model has {depth} blocks")
     if any(v < 0 for v in per_block):
         raise ValueError(f"r_tokens must be >= 0; got {per_block}")
-    plans, n = [], timm_vit._num_patches(model, None)
+    plans, n = [], PATCHER.num_patches(model)
     for i, v in enumerate(per_block):
         removed = min(v, max_tokens_removed(n))  # ToMe clamps the same way
         plans.append(BlockPlan(i, n + p, n - removed + p, removed > 0))
@@ -220,7 +222,7 @@ def _removal_schedule(
 
 def _tome_macs(model: nn.Module, blocks: list[BlockPlan]) -> int:
     """Analytic MACs: the model's matrix products plus ToMe's A x B similarity."""
-    macs = timm_vit._macs(model, blocks, merge_cost=False)
+    macs = PATCHER.macs(model, None, blocks, merge_cost=False)
     p = model.num_prefix_tokens
     for blk, b in zip(model.blocks, blocks, strict=True):
         if b.merges:
@@ -251,13 +253,13 @@ def apply_tome(
 
     The plan (tokens per block, MACs) is stored on the model: :func:`tome_plan`.
     """
-    if not timm_vit.matches(model):
+    if not PATCHER.matches(model):
         raise TypeError(
             f"ToMe baseline supports timm VisionTransformer; got {type(model).__name__}"
         )
     if getattr(model, "_mame_plan", None) is not None:
         raise ValueError("model is MaMe-patched; apply ToMe to an unpatched model")
-    timm_vit._check_supported(model)
+    check_supported(model)
     blocks = _removal_schedule(model, r, r_tokens, layers)
     n0, p = blocks[0].tokens_in, model.num_prefix_tokens
     unpatched = [BlockPlan(b.index, n0, n0, False) for b in blocks]
@@ -271,7 +273,7 @@ def apply_tome(
         num_protected=p,
         blocks=tuple(blocks),
         macs=_tome_macs(model, blocks),
-        macs_unpatched=timm_vit._macs(model, unpatched, merge_cost=False),
+        macs_unpatched=PATCHER.macs(model, None, unpatched, merge_cost=False),
         notes=("ToMe bipartite soft matching: token counts are static, merge pairs are "
                "data-dependent (argsort, gather, scatter_reduce); tau is unused",),
     )

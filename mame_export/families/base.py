@@ -1,22 +1,34 @@
 """What a model family declares, once: its names, how to build a model at an image size
-and load its weights, its graph's inputs and outputs, and its patch.
+and load its weights, its graph's inputs and outputs, and its patcher.
 
 A family is one subpackage of :mod:`mame_export.families` holding a :class:`Family`
 instance named ``FAMILY``; the registry (``families/__init__.py``) lists it in one line.
+Its patcher (a :class:`Patcher`, in the family's ``patch.py``) applies MaMe and answers
+the plan builder's questions (:func:`mame_export.plan.build_plan`).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from mame_export.errors import UserError
+from mame_export.plan import (
+    MAX_TOKENS,
+    TOKEN_RULE,
+    BlockPlan,
+    MergePlan,
+    Size,
+    build_plan,
+    default_merge_layers,
+    keep_schedule,
+)
 
 
 class UnknownModelError(UserError):
@@ -53,6 +65,105 @@ class IOSpec:
     False for dense outputs (noise predictions, hidden states), where top-1 means nothing."""
 
 
+class Patcher(ABC):
+    """How MaMe patches one family's models, and the family's hooks into the one plan
+    builder (:func:`mame_export.plan.build_plan`, :class:`mame_export.plan.PlanHooks`).
+
+    A patcher imports its optional dependency (timm, diffusers, transformers) inside its
+    methods, so holding one costs nothing until a model is patched.
+    """
+
+    family: str = ""  # the name its plans carry
+    restores: bool = False  # MaRe restores every position after each block (UNets)
+    size_option: str = "img_size"  # the keyword of apply/build_plan giving the input size
+
+    @abstractmethod
+    def matches(self, model: nn.Module) -> bool:
+        """Whether ``model`` is one this patcher patches."""
+
+    @abstractmethod
+    def apply(self, model: nn.Module, r: float, *, tau: float, layers: Sequence[int] | None,
+              prop_attn: bool, mode: str, **options: Any) -> nn.Module:
+        """Patch ``model`` in place at ``r`` (re-applying replaces the plan); return it."""
+
+    def build_plan(self, model: nn.Module, r: float, tau: float = 1.0,
+                   layers: Sequence[int] | None = None, prop_attn: bool = True,
+                   mode: str = "static", **options: Any) -> MergePlan:
+        """The merge plan of ``model`` (patched or not) at these settings; the input size is
+        the keyword named :attr:`size_option` (default: the model's own)."""
+        size = options.pop(self.size_option, None)
+        return build_plan(self, model, r, tau, layers, prop_attn, mode, size, **options)
+
+    # ---- the plan builder's hooks (plan.PlanHooks) -------------------------------------
+
+    @abstractmethod
+    def num_patches(self, model: nn.Module, size: Size | None = None) -> int:
+        """Patch tokens at ``size`` (None: the model's own input size)."""
+
+    @abstractmethod
+    def depth(self, model: nn.Module) -> int:
+        """Blocks a forward runs."""
+
+    @abstractmethod
+    def protected(self, model: nn.Module) -> int:
+        """Leading tokens that never merge (class, distillation, registers)."""
+
+    @abstractmethod
+    def macs(self, model: nn.Module, size: Size | None, blocks: Sequence[BlockPlan],
+             merge_cost: bool, **options: Any) -> int:
+        """Analytic MACs of one batch-1 forward running ``blocks``."""
+
+    def block_tokens(self, model: nn.Module, size: Size | None = None) -> list[int]:
+        """Mergeable tokens entering each block when nothing merges."""
+        return [self.num_patches(model, size)] * self.depth(model)
+
+    def default_layers(self, depth: int) -> list[int]:
+        """The merge layers when none are given: the first ``min(8, depth)`` blocks."""
+        return default_merge_layers(depth)
+
+    def keep_counts(self, tokens: Sequence[int], r: float,
+                    layers: Sequence[int]) -> tuple[int | None, ...]:
+        """Per block, the mergeable tokens kept: the compounded schedule
+        (:func:`mame_export.plan.keep_schedule`), tokens flowing from block to block."""
+        return keep_schedule(tokens[0] if tokens else 0, r, layers, len(tokens))
+
+    def notes(self, model: nn.Module, size: Size | None, blocks: Sequence[BlockPlan],
+              **options: Any) -> list[str]:
+        """Lines the plan's table adds for this family."""
+        return []
+
+    # ---- input size --------------------------------------------------------------------
+
+    def input_step(self, model: nn.Module) -> int:
+        """Input sizes are multiples of this (the patch size)."""
+        return 1
+
+    def max_input_size(self, model: nn.Module) -> int:
+        """The largest square input side (a multiple of :meth:`input_step`) whose blocks
+        hold at most :data:`mame_export.plan.MAX_TOKENS` tokens each."""
+        step, p = self.input_step(model), self.protected(model)
+
+        def fits(k: int) -> bool:
+            return max(self.block_tokens(model, k * step), default=0) + p <= MAX_TOKENS
+
+        lo, hi = 1, math.isqrt(MAX_TOKENS) + 1  # a side of k steps holds >= k * k tokens
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo * step
+
+    def check_input_size(self, model: nn.Module, name: str, size: int | None) -> None:
+        """One-line UnsupportedModelError for an input size whose blocks would hold more
+        tokens than a plan accepts; runs on a weightless skeleton, before any build."""
+        if size is None:
+            return
+        tokens = max(self.block_tokens(model, size), default=0) + self.protected(model)
+        if tokens > MAX_TOKENS:
+            raise UnsupportedModelError(
+                f"--img-size {size} is too large for {name}: {tokens} tokens per block; "
+                f"MaMe plans {TOKEN_RULE}: use --img-size {self.max_input_size(model)} or less")
+
+
 class Family:
     """Base class of a model family; subclasses override what they support.
 
@@ -64,7 +175,7 @@ class Family:
     name: str = ""
     aliases: tuple[str, ...] = ()  # other names of the family (e.g. its plan's name)
     summary: str = ""  # what the family covers, for error messages
-    patch_module: str = ""  # dotted name of the module with matches/apply/build_plan
+    patcher: Patcher  # applies MaMe to the family's models and plans it
     capabilities: frozenset[str] = frozenset()
 
     def entries(self) -> list[ModelSpec]:
@@ -86,7 +197,9 @@ class Family:
 
     def check(self, model: nn.Module, name: str, img_size: int | None, export: bool) -> None:
         """One-line UnsupportedModelError for a model of this family MaMe cannot patch or
-        export at ``img_size``."""
+        export at ``img_size``; every family's check includes the patcher's size bound
+        (:meth:`Patcher.check_input_size`)."""
+        self.patcher.check_input_size(model, name, img_size)
 
     def build(self, spec: ModelSpec, weights: str, img_size: int | None) -> tuple[nn.Module, str]:
         """The model in eval mode and where its weights came from. ``weights``: "auto"
@@ -104,17 +217,23 @@ class Family:
         """A small random-weight model of the same kind, for the shared test contract."""
         raise NotImplementedError
 
-    def patch(self) -> ModuleType:
-        return importlib.import_module(self.patch_module)
-
     def matches(self, model: nn.Module) -> bool:
         try:
-            return bool(self.patch().matches(model))
+            return bool(self.patcher.matches(model))
         except ImportError:  # an optional dependency is missing: not this family's model
             return False
 
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+    def eval_preprocessing(self, spec: ModelSpec, model: nn.Module,
+                           img_size: int | None) -> dict[str, Any] | None:
+        """How ``eval`` prepares an image for ``model``: the keyword arguments of
+        :func:`mame_export.evaluate.data.transform_from` (mean, std, size, crop_pct,
+        interpolation, crop_mode), or None for a model that takes latents, not images.
+        A family without it cannot be evaluated."""
+        raise UnsupportedModelError(f"eval does not support {self.name} models ({spec.alias}): "
+                                    "the family declares no eval preprocessing")
 
 
 def with_kwargs(spec: ModelSpec, alias: str, **kwargs: Any) -> ModelSpec:

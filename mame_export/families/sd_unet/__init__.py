@@ -13,13 +13,14 @@ import torch.nn as nn
 from mame_export.checkpoints import RANDOM_INIT_SEED, RANDOM_SOURCE
 from mame_export.errors import warn
 from mame_export.families.base import Family, IOSpec, ModelSpec, with_kwargs
+from mame_export.families.sd_unet.patch import PATCHER
 
 
 class SdUNetFamily(Family):
     name = "sd-unet"
     aliases = ("diffusers-unet",)  # the name its merge plans carry
     summary = "diffusers UNet2DConditionModel (SD 1.x/2.x)"
-    patch_module = "mame_export.families.sd_unet.patch"
+    patcher = PATCHER
 
     def entries(self) -> list[ModelSpec]:
         return [ModelSpec(
@@ -60,6 +61,12 @@ class SdUNetFamily(Family):
 
         return replace(with_kwargs(spec, f"tiny-{spec.alias}", config=TINY_UNET_CONFIG),
                        img_size=TINY_UNET_CONFIG["sample_size"])
+
+    def eval_preprocessing(self, spec: ModelSpec, model: nn.Module,
+                           img_size: int | None) -> dict[str, Any] | None:
+        """None: a UNet is evaluated on latents (``eval --data`` latents or seeded random
+        ones), never on images."""
+        return None
 
 
 FAMILY = SdUNetFamily()

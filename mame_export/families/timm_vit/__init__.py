@@ -16,11 +16,14 @@ import torch.nn as nn
 from mame_export.checkpoints import (
     RANDOM_SOURCE,
     cached_hub_file,
+    error_detail,
     hub_reachable,
     load_checkpoint,
+    read_state_dict,
     seeded,
     warn_random,
 )
+from mame_export.errors import CheckpointError
 from mame_export.families.base import (
     Family,
     IOSpec,
@@ -30,6 +33,7 @@ from mame_export.families.base import (
     with_kwargs,
 )
 from mame_export.families.timm_vit.checks import check_architecture
+from mame_export.families.timm_vit.patch import PATCHER
 
 NAME = "timm-vit"
 
@@ -66,11 +70,28 @@ def _cached_hub_file(source_name: str) -> str | None:
                                     "open_clip_pytorch_model.bin"))
 
 
+def _from_hub_cache(source_name: str, cached: str, kw: dict[str, Any]) -> nn.Module:
+    """The model with a hub-cache weights file, read and checked as a --weights file is
+    (one-line errors naming the file), then adapted by timm's own pretrained loading (its
+    checkpoint filter: other layouts, position tables resampled to the input size)."""
+    import timm
+
+    state = read_state_dict(cached)
+    try:
+        model = timm.create_model(source_name, pretrained=True,
+                                  pretrained_cfg_overlay={"state_dict": state}, **kw)
+    except (RuntimeError, KeyError, ValueError, IndexError) as e:  # built fine without them
+        raise CheckpointError(f"hub cache file {cached} does not fit {source_name}: "
+                              f"{error_detail(e)}") from None
+    model.pretrained_cfg.pop("state_dict", None)  # timm keeps a copy of the weights there
+    return model
+
+
 class TimmViTFamily(Family):
     name = NAME
     summary = ("timm VisionTransformer models (ViT, DeiT, SigLIP/SigLIP2, register-token "
                "ViTs)")
-    patch_module = "mame_export.families.timm_vit.patch"
+    patcher = PATCHER
     capabilities = frozenset({"eval", "profile", "tome"})
 
     def entries(self) -> list[ModelSpec]:
@@ -141,9 +162,7 @@ class TimmViTFamily(Family):
             return model, f"file:{Path(weights).resolve()}"
         cached = _cached_hub_file(spec.source_name)
         if cached is not None:
-            model = timm.create_model(spec.source_name, pretrained=True,
-                                      pretrained_cfg_overlay={"file": cached}, **kw)
-            return model.eval(), f"hub cache:{cached}"
+            return _from_hub_cache(spec.source_name, cached, kw).eval(), f"hub cache:{cached}"
         if hub_reachable():
             try:
                 model = timm.create_model(spec.source_name, pretrained=True, **kw)
@@ -173,6 +192,19 @@ class TimmViTFamily(Family):
         tiny = with_kwargs(spec, f"tiny-{spec.alias}", depth=2, embed_dim=32, num_heads=2,
                            img_size=patch * 4)
         return replace(tiny, img_size=patch * 4)
+
+    def eval_preprocessing(self, spec: ModelSpec, model: nn.Module,
+                           img_size: int | None) -> dict[str, Any] | None:
+        """timm's data config of the model (mean/std, crop, interpolation) at the size it
+        was built, not its hub default's."""
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=model)
+        h, w = model.patch_embed.img_size
+        return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+                "size": h if h == w else (h, w), "crop_pct": float(cfg["crop_pct"]),
+                "interpolation": cfg["interpolation"],
+                "crop_mode": cfg.get("crop_mode", "center")}
 
 
 FAMILY = TimmViTFamily()

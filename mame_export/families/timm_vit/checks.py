@@ -6,15 +6,17 @@ from __future__ import annotations
 import torch.nn as nn
 
 from mame_export.families.base import UnsupportedModelError
+from mame_export.families.timm_vit.patch import PATCHER, check_supported
 
 
 def check_architecture(model: nn.Module, name: str, img_size: int | None = None,
                        export: bool = True) -> None:
     """One-line UnsupportedModelError for a model MaMe cannot patch (not a timm ViT, other
-    blocks), a hybrid ViT (CNN stem) to export, or an input size the patch grid does not
-    fit. Runs on a :func:`skeleton` before any work, and on the built model."""
-    from timm.layers import Attention, PatchEmbed
-    from timm.models.vision_transformer import Block, VisionTransformer
+    blocks or pooling), a hybrid ViT (CNN stem) to export, or an input size the patch grid
+    does not fit or that is too large to plan. Runs on a skeleton before any work, and on
+    the built model."""
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer import VisionTransformer
 
     cls = type(model)
     if not isinstance(model, VisionTransformer):
@@ -23,15 +25,10 @@ def check_architecture(model: nn.Module, name: str, img_size: int | None = None,
             "VisionTransformer models (ViT, DeiT, SigLIP/SigLIP2, register-token ViTs) "
             "and sd21-unet"
         )
-    for i, blk in enumerate(model.blocks):
-        attn = getattr(blk, "attn", None)
-        if not isinstance(blk, Block) or not isinstance(attn, Attention):
-            inner = f" with {type(attn).__name__}" if attn is not None else \
-                " (no separate attention module)"
-            raise UnsupportedModelError(
-                f"{name}: block {i} is {type(blk).__name__}{inner}; MaMe supports timm ViTs "
-                "built from the standard Block and Attention only"
-            )
+    try:
+        check_supported(model)
+    except ValueError as e:
+        raise UnsupportedModelError(f"{name}: {e}") from None
     pe = model.patch_embed
     if not isinstance(pe, PatchEmbed):
         if export:
@@ -55,3 +52,4 @@ def check_architecture(model: nn.Module, name: str, img_size: int | None = None,
             f"--img-size {img_size} is not a multiple of {name}'s patch size {ph}: the model "
             f"would crop the input to {lo} px; use {lo} or {hi}"
         )
+    PATCHER.check_input_size(model, name, img_size)

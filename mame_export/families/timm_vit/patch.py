@@ -4,42 +4,60 @@ register-token ViTs, no-class-token and average/MAP-pooled variants).
 The patch swaps the classes of the model, its blocks and their attention for
 thin subclasses, so weights, ``state_dict`` keys and ``isinstance`` checks are
 untouched. Token sizes flow between blocks as an explicit argument; the merge
-plan lives on the model and is never changed by a forward.
+plan lives on the model and is never changed by a forward: each block's token count
+comes from the plan's keep schedule.
+
+Copied from timm 1.0 with modifications: the ``forward``, ``forward_features``,
+``forward_intermediates`` and ``forward_head`` of ``VisionTransformer`` and the
+``forward`` of ``Block`` and ``Attention`` (sizes in, merge after the attention
+residual, log-size attention bias, size-weighted pooling).
 """
 
 from __future__ import annotations
 
-import functools
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mame_export.families.base import Patcher
 from mame_export.families.swap import swap
 from mame_export.families.tokens import log_size_bias, merge_tokens
 from mame_export.ops import step_macs
-from mame_export.plan import (
-    BlockPlan,
-    BlockSettings,
-    MergePlan,
-    block_plans,
-    check_ratio,
-    keep_schedule,
-    merge_layers_or_default,
-)
+from mame_export.plan import BlockPlan, BlockSettings, MergePlan, Size
 
 FAMILY = "timm-vit"
-_SIZE_POOLS = ("avg", "avgmax")
-_PLAIN_POOLS = ("token", "max", "")
+SIZE_POOLS = ("avg", "avgmax")  # pools that become size-weighted
+PLAIN_POOLS = ("token", "max", "")  # pools merging leaves as they are
 
 
-def matches(model: nn.Module) -> bool:
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return False
-    return isinstance(model, VisionTransformer)
+def check_supported(model: nn.Module) -> None:
+    """ValueError for a ViT the patch cannot run: blocks other than timm's standard Block
+    and Attention, an attention pool with a position embedding, another global pool.
+    The one structure check of the family (checks.py and the ToMe baseline call it)."""
+    from timm.layers import Attention, AttentionPoolLatent
+    from timm.models.vision_transformer import Block
+
+    for i, blk in enumerate(model.blocks):
+        attn = getattr(blk, "attn", None)
+        if not isinstance(blk, Block) or not isinstance(attn, Attention):
+            inner = f" with {type(attn).__name__}" if attn is not None else \
+                " (no separate attention module)"
+            raise ValueError(f"block {i} is {type(blk).__name__}{inner}; MaMe supports timm "
+                             "ViTs built from the standard Block and Attention only")
+    pool = getattr(model, "global_pool", "")
+    ap = model.attn_pool
+    if ap is not None and (not isinstance(ap, AttentionPoolLatent) or ap.pos_embed is not None):
+        raise ValueError(
+            f"attention pool {type(ap).__name__} (global_pool={pool!r}) is not supported; MaMe "
+            "supports the MAP head (AttentionPoolLatent without a position embedding)"
+        )
+    if ap is None and pool not in SIZE_POOLS + PLAIN_POOLS:
+        raise ValueError(f"global_pool={pool!r} is not supported (supported: avg, avgmax, "
+                         "token, max, map, none)")
 
 
 class SizedAttention:
@@ -132,25 +150,12 @@ class _MaMeVisionTransformer:
     """Mixin for timm ``VisionTransformer``: explicit token sizes through blocks and pooling."""
 
     _mame_plan: MergePlan
-    _mame_layers: tuple[int, ...]
-    _mame_fixed_schedule: tuple[int, tuple[int | None, ...]]
 
-    def _mame_schedule(self, num_patches: int) -> list[int | None]:
-        # The requested layers, not plan.merge_layers: a layer whose rounded
-        # count does not drop still counts in the compounded ratio.
-        # Under torch.compile: the schedule made at apply time for the model's own
-        # patch count (a tuple of ints, specialised), so the float r is never traced;
-        # dynamo would turn an r that differs between compiled models into a symbolic
-        # float and every token count into a symbolic shape. Other patch counts trace
-        # the unchecked arithmetic (the check's math.isfinite breaks the graph).
-        if torch.compiler.is_compiling():
-            n0, fixed = self._mame_fixed_schedule
-            if num_patches == n0:
-                return list(fixed)
-            fn = keep_schedule
-        else:
-            fn = _schedule
-        return list(fn(num_patches, self._mame_plan.r, self._mame_layers, len(self.blocks)))
+    def _mame_schedule(self, num_patches: int) -> tuple[int | None, ...]:
+        # The plan's stored schedule at its own patch count: a tuple of ints, so under
+        # torch.compile the float r is never traced (a symbolic r would make every token
+        # count a symbolic shape). Other counts (dynamic image sizes) follow the plan.
+        return self._mame_plan.keep_counts_for(num_patches)
 
     def _mame_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.patch_embed(x)
@@ -198,7 +203,7 @@ class _MaMeVisionTransformer:
     def forward_head(  # type: ignore[override]
         self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.attn_pool is None and self.global_pool in _PLAIN_POOLS:
+        if self.attn_pool is None and self.global_pool in PLAIN_POOLS:
             return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
         return head_with_sizes(self, x, size, self._mame_plan.prop_attn, pre_logits)
 
@@ -234,140 +239,85 @@ def _intermediates(model: nn.Module, x: torch.Tensor, found: list, p: int, prefi
     return (model.norm(x), inter, *extra.values())
 
 
-@functools.lru_cache(maxsize=256)
-def _schedule(
-    num_patches: int, r: float, merge_layers: tuple[int, ...], depth: int
-) -> tuple[int | None, ...]:
-    """Per block: mergeable tokens to keep, or None where the block does not merge."""
-    check_ratio(r)
-    return keep_schedule(num_patches, r, merge_layers, depth)
-
-
-def _check_supported(model: nn.Module) -> None:
-    from timm.layers import Attention, AttentionPoolLatent
-    from timm.models.vision_transformer import Block
-
-    for i, blk in enumerate(model.blocks):
-        attn = getattr(blk, "attn", None)
-        if not isinstance(blk, Block) or not isinstance(attn, Attention):
-            raise ValueError(
-                f"block {i} is {type(blk).__name__} with {type(attn).__name__}; MaMe "
-                "supports timm ViTs built from the standard Block and Attention only"
-            )
-    pool = getattr(model, "global_pool", "")
-    ap = model.attn_pool
-    if ap is not None and (not isinstance(ap, AttentionPoolLatent) or ap.pos_embed is not None):
-        raise ValueError(
-            f"attention pool {type(ap).__name__} (global_pool={pool!r}) is not supported; MaMe "
-            "supports the MAP head (AttentionPoolLatent without a position embedding)"
-        )
-    if ap is None and pool not in _SIZE_POOLS + _PLAIN_POOLS:
-        raise ValueError(f"global_pool={pool!r} is not supported (supported: avg, avgmax, "
-                         "token, max, map, none)")
-
-
 def _linear_macs(module: nn.Module) -> int:
     """MACs per token of every Linear in ``module``."""
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def _macs(model: nn.Module, blocks: list[BlockPlan], merge_cost: bool) -> int:
-    """Analytic MACs of matrix products (linear layers, attention, merge) at batch 1."""
-    p = model.num_prefix_tokens
-    n_patches = blocks[0].tokens_in - p
-    macs = model.patch_embed.proj.weight.numel() * n_patches
-    for blk, bp in zip(model.blocks, blocks, strict=True):
-        attn, n = blk.attn, bp.tokens_in
-        macs += _linear_macs(attn) * n + 2 * n * n * attn.attn_dim
-        macs += _linear_macs(blk.mlp) * bp.tokens_out
-        if merge_cost and bp.merges:
-            macs += step_macs(n - p, bp.tokens_out - p, model.embed_dim, attn.head_dim)
-    n_final = blocks[-1].tokens_out
-    if model.attn_pool is not None:
-        ap = model.attn_pool
-        n_pool = n_final if model.pool_include_prefix else n_final - p
-        macs += ap.kv.weight.numel() * n_pool + _linear_macs(ap.q) * ap.latent_len
-        macs += 2 * ap.latent_len * n_pool * ap.kv.weight.shape[0] // 2
-        head_mlp = _linear_macs(ap.mlp) if ap.mlp is not None else 0
-        macs += (_linear_macs(ap.proj) + head_mlp) * ap.latent_len
-    macs += _linear_macs(model.head) + sum(
-        _linear_macs(m) for name, m in model.named_children() if name == "head_dist"
-    )
-    return int(macs)
+class TimmViTPatcher(Patcher):
+    """MaMe for timm ``VisionTransformer`` models built from the standard Block and
+    Attention; the plan's hooks read the modules' shapes (no forward)."""
+
+    family = FAMILY
+
+    def matches(self, model: nn.Module) -> bool:
+        try:
+            from timm.models.vision_transformer import VisionTransformer
+        except ImportError:  # pragma: no cover - timm is a dependency
+            return False
+        return isinstance(model, VisionTransformer)
+
+    def num_patches(self, model: nn.Module, size: Size | None = None) -> int:
+        if size is None:
+            return int(model.patch_embed.num_patches)
+        h, w = (size, size) if isinstance(size, int) else size
+        ph, pw = model.patch_embed.patch_size
+        return (h // ph) * (w // pw)
+
+    def depth(self, model: nn.Module) -> int:
+        return len(model.blocks)
+
+    def protected(self, model: nn.Module) -> int:
+        return int(model.num_prefix_tokens)
+
+    def input_step(self, model: nn.Module) -> int:
+        return math.lcm(*model.patch_embed.patch_size)
+
+    def macs(self, model: nn.Module, size: Size | None, blocks: Sequence[BlockPlan],
+             merge_cost: bool, **options: Any) -> int:
+        """Analytic MACs of matrix products (linear layers, attention, merge) at batch 1."""
+        p = model.num_prefix_tokens
+        n_patches = blocks[0].tokens_in - p
+        macs = model.patch_embed.proj.weight.numel() * n_patches
+        for blk, bp in zip(model.blocks, blocks, strict=True):
+            attn, n = blk.attn, bp.tokens_in
+            macs += _linear_macs(attn) * n + 2 * n * n * attn.attn_dim
+            macs += _linear_macs(blk.mlp) * bp.tokens_out
+            if merge_cost and bp.merges:
+                macs += step_macs(n - p, bp.tokens_out - p, model.embed_dim, attn.head_dim)
+        n_final = blocks[-1].tokens_out
+        if model.attn_pool is not None:
+            ap = model.attn_pool
+            n_pool = n_final if model.pool_include_prefix else n_final - p
+            macs += ap.kv.weight.numel() * n_pool + _linear_macs(ap.q) * ap.latent_len
+            macs += 2 * ap.latent_len * n_pool * ap.kv.weight.shape[0] // 2
+            head_mlp = _linear_macs(ap.mlp) if ap.mlp is not None else 0
+            macs += (_linear_macs(ap.proj) + head_mlp) * ap.latent_len
+        macs += _linear_macs(model.head) + sum(
+            _linear_macs(m) for name, m in model.named_children() if name == "head_dist"
+        )
+        return int(macs)
+
+    def apply(self, model: nn.Module, r: float, *, tau: float, layers: Sequence[int] | None,
+              prop_attn: bool, mode: str, **options: Any) -> nn.Module:
+        """Patch a timm VisionTransformer in place (idempotent: re-applying replaces the
+        plan). The plan is for the model's own input size."""
+        if options:
+            raise TypeError(f"timm ViTs take no options {sorted(options)}")
+        check_supported(model)
+        plan = self.build_plan(model, r, tau, layers, prop_attn, mode)
+        p = plan.num_protected
+        for blk, bp in zip(model.blocks, plan.blocks, strict=True):
+            keep = (bp.tokens_out - p) / (bp.tokens_in - p)
+            swap(blk, _MaMeBlock, settings=BlockSettings(
+                merges=bp.merges, tau=float(tau), prop_attn=prop_attn, mode=mode,
+                protected=p, keep_ratio=keep))
+            swap(blk.attn, SizedAttention)
+        swap(model, _MaMeVisionTransformer)
+        model._mame_plan = plan
+        return model
 
 
-def _block_plans(
-    model: nn.Module, num_patches: int, r: float, layers: list[int]
-) -> list[BlockPlan]:
-    sched = _schedule(num_patches, r, tuple(layers), len(model.blocks))
-    return block_plans(num_patches, model.num_prefix_tokens, sched)
-
-
-def _num_patches(model: nn.Module, img_size: int | tuple[int, int] | None) -> int:
-    if img_size is None:
-        return int(model.patch_embed.num_patches)
-    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    ph, pw = model.patch_embed.patch_size
-    return (h // ph) * (w // pw)
-
-
-def build_plan(
-    model: nn.Module,
-    r: float,
-    tau: float,
-    layers: list[int] | None,
-    prop_attn: bool,
-    mode: str,
-    img_size: int | tuple[int, int] | None = None,
-) -> MergePlan:
-    """The merge plan of ``model`` (patched or not) for the given settings."""
-    layers = merge_layers_or_default(layers, len(model.blocks))
-    n0 = _num_patches(model, img_size)
-    blocks = _block_plans(model, n0, r, layers)
-    unpatched = _block_plans(model, n0, 0.0, [])
-    notes = []
-    if mode == "adaptive":
-        notes.append("adaptive mode: token counts shown are the static floor; retained "
-                     "distinctive sources add to them at run time")
-    return MergePlan(
-        family=FAMILY,
-        r=float(r),
-        tau=float(tau),
-        mode=mode,
-        prop_attn=prop_attn,
-        num_patches=n0,
-        num_protected=model.num_prefix_tokens,
-        blocks=tuple(blocks),
-        macs=_macs(model, blocks, merge_cost=True),
-        macs_unpatched=_macs(model, unpatched, merge_cost=False),
-        notes=tuple(notes),
-    )
-
-
-def apply(
-    model: nn.Module,
-    r: float,
-    *,
-    tau: float,
-    layers: list[int] | None,
-    prop_attn: bool,
-    mode: str,
-) -> nn.Module:
-    """Patch a timm VisionTransformer in place (idempotent: re-applying replaces the plan)."""
-    _check_supported(model)
-    plan = build_plan(model, r, tau, layers, prop_attn, mode)
-    for blk, bp in zip(model.blocks, plan.blocks, strict=True):
-        keep = (bp.tokens_out - plan.num_protected) / (bp.tokens_in - plan.num_protected)
-        swap(blk, _MaMeBlock, settings=BlockSettings(
-            merges=bp.merges, tau=float(tau), prop_attn=prop_attn, mode=mode,
-            protected=model.num_prefix_tokens, keep_ratio=keep))
-        swap(blk.attn, SizedAttention)
-    swap(model, _MaMeVisionTransformer)
-    model._mame_plan = plan
-    model._mame_layers = tuple(merge_layers_or_default(layers, len(model.blocks)))
-    n0 = plan.num_patches
-    model._mame_fixed_schedule = (
-        n0, tuple(_schedule(n0, plan.r, model._mame_layers, len(model.blocks)))
-    )
-    return model
-
+PATCHER = TimmViTPatcher()
+# The module's functions, as tools and tests call them.
+matches, apply, build_plan = PATCHER.matches, PATCHER.apply, PATCHER.build_plan

@@ -6,6 +6,8 @@ Needs the ``transformers`` extra; nothing imports it until this family builds a 
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from mame_export.checkpoints import (
     seeded,
     warn_random,
 )
-from mame_export.errors import CheckpointError
+from mame_export.errors import CheckpointError, check_file, one_line
 from mame_export.families.base import (
     Family,
     IOSpec,
@@ -30,7 +32,13 @@ from mame_export.families.base import (
     UnsupportedModelError,
     with_kwargs,
 )
-from mame_export.families.transformers.configs import MODELS, TINY_IMG, HFModel
+from mame_export.families.transformers.configs import (
+    MODELS,
+    TINY_IMG,
+    HFModel,
+    config_conflict,
+)
+from mame_export.families.transformers.patch import PATCHER
 
 NAME = "transformers"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -78,15 +86,77 @@ def _hf_keys(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def _weights_file(path: Path) -> Path:
+    """The weights file of a file or ``save_pretrained`` folder path, checked readable."""
     if not path.is_dir():
-        return path
+        return check_file(path, "checkpoint", CheckpointError)
     for name in _WEIGHT_FILES:
-        if (path / name).is_file():
-            return path / name
+        if os.path.lexists(path / name):  # there, but maybe a FIFO, a folder, a loop ...
+            return check_file(path / name, "checkpoint", CheckpointError)
     sharded = any(path.glob("*.index.json"))
     raise CheckpointError(f"{path} holds no {' or '.join(_WEIGHT_FILES)}"
                           + (" (sharded checkpoints are not supported: merge the shards "
                              "into one file)" if sharded else " (a save_pretrained folder)"))
+
+
+# A config.json is a few kB; a larger one is not a save_pretrained config.
+_MAX_CONFIG_BYTES = 16 << 20
+
+
+def _values(spec: ModelSpec) -> dict[str, Any]:
+    """The config values ``spec`` builds with (its entry's, then a test model's overrides)."""
+    return {**_entry(spec).config, **spec.kwargs.get("config", {})}
+
+
+def check_folder_config(spec: ModelSpec, folder: Path) -> None:
+    """One-line CheckpointError when a ``save_pretrained`` folder's config.json describes
+    another model than ``spec`` builds (read as JSON only: nothing in it runs)."""
+    file = folder / "config.json"
+    if not os.path.lexists(file):
+        return
+    check_file(file, "model config", CheckpointError)
+    if file.stat().st_size > _MAX_CONFIG_BYTES:
+        raise CheckpointError(f"model config {file} is over {_MAX_CONFIG_BYTES >> 20} MB: "
+                              "not a save_pretrained config.json")
+    try:
+        raw = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"model config {file} is not JSON text ({type(e).__name__})"
+                              ) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read model config {file}: {e.strerror or e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"model config {file} is not a JSON object")
+    conflict = config_conflict(_entry(spec), _values(spec), raw)
+    if conflict is not None:
+        name, ours, theirs = conflict
+        raise CheckpointError(one_line(
+            f"{folder} holds another model than {spec.alias}: its config.json has "
+            f"{name} {_shown(theirs)}, {spec.alias} has {_shown(ours)}"))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def resample_position_table(model: nn.Module, side: int) -> None:
+    """Give a DINOv2 model the position table of ``side``-px inputs, resampled once by its
+    own ``interpolate_pos_encoding`` (so its outputs are unchanged): its forward then adds
+    the table as it is, and the graph holds no (bicubic) Resize that TensorRT cannot run."""
+    emb = model.embeddings
+    table = emb.position_embeddings
+    ph, pw = emb.patch_embeddings.patch_size
+    patches = (side // ph) * (side // pw)
+    if table.shape[1] == patches + 1:
+        return
+    with torch.no_grad():
+        tokens = table.new_empty(1, patches + 1, table.shape[-1])  # only its shape is read
+        resampled = emb.interpolate_pos_encoding(tokens, side, side)
+    emb.position_embeddings = nn.Parameter(resampled.contiguous(),
+                                           requires_grad=table.requires_grad)
+    emb.patch_embeddings.image_size = (side, side)
+    emb.patch_embeddings.num_patches = patches
+    model.config.image_size = side
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -109,7 +179,7 @@ class TransformersFamily(Family):
     summary = ("transformers vision encoders (ViTModel/ViTForImageClassification incl. DeiT, "
                "CLIPVisionModel[WithProjection], SiglipVisionModel, Dinov2Model, "
                "VideoMAEModel/VideoMAEForVideoClassification)")
-    patch_module = "mame_export.families.transformers.patch"
+    patcher = PATCHER
     capabilities = frozenset({"llava"})
 
     def entries(self) -> list[ModelSpec]:
@@ -118,7 +188,7 @@ class TransformersFamily(Family):
 
     def _config(self, spec: ModelSpec, img_size: int | None) -> Any:
         entry = _entry(spec)
-        values = {**entry.config, **spec.kwargs.get("config", {})}
+        values = _values(spec)
         if img_size is not None and img_size != spec.img_size:
             if not entry.resizable:
                 raise UnsupportedModelError(
@@ -171,38 +241,50 @@ class TransformersFamily(Family):
         if img_size < patch or img_size % patch:
             raise UnsupportedModelError(f"--img-size {img_size} is not a multiple of {name}'s "
                                         f"patch size {patch}")
+        self.patcher.check_input_size(model, name, img_size)
 
     def build(self, spec: ModelSpec, weights: str, img_size: int | None) -> tuple[nn.Module, str]:
+        model, source = self._weighted(spec, weights, img_size)
+        if _entry(spec).interpolates_position_table:
+            resample_position_table(model, img_size or spec.img_size)
+        return self._wrap(spec, model), source
+
+    def _weighted(self, spec: ModelSpec, weights: str,
+                  img_size: int | None) -> tuple[nn.Module, str]:
+        """The bare transformers model with its weights, and where they came from."""
         hub_id = _entry(spec).hub_id
 
         def random_model() -> nn.Module:
             return seeded(lambda: self._model(spec, img_size))
 
         if weights == "random":
-            return self._wrap(spec, random_model()), RANDOM_SOURCE
+            return random_model(), RANDOM_SOURCE
         if weights != "auto":
+            if Path(weights).is_dir():
+                check_folder_config(spec, Path(weights))
+            file = _weights_file(Path(weights))  # refused before the model is built
             model = self._model(spec, img_size)
-            load_weights(model, weights)
-            return self._wrap(spec, model), f"file:{Path(weights).resolve()}"
+            load_weights(model, file)
+            return model, f"file:{Path(weights).resolve()}"
         if spec.kwargs.get("config"):
             warn_random(f"{spec.alias} is a resized test model: no pretrained weights fit it")
-            return self._wrap(spec, random_model()), RANDOM_SOURCE
+            return random_model(), RANDOM_SOURCE
         cached = cached_hub_file(hub_id, _WEIGHT_FILES)
         if cached is None and hub_reachable():
             try:
                 cached = _download(hub_id)
             except Exception as e:  # noqa: BLE001 - any hub failure falls back, loudly
                 warn_random(f"could not download pretrained weights ({type(e).__name__}: {e})")
-                return self._wrap(spec, random_model()), RANDOM_SOURCE
+                return random_model(), RANDOM_SOURCE
             source = f"hub:{hub_id}"
         elif cached is None:
             warn_random(f"the model hub is unreachable and its cache has no weights for {hub_id}")
-            return self._wrap(spec, random_model()), RANDOM_SOURCE
+            return random_model(), RANDOM_SOURCE
         else:
             source = f"hub cache:{cached}"
         model = self._model(spec, img_size)
         load_weights(model, cached)
-        return self._wrap(spec, model), source
+        return model, source
 
     def io_spec(self, spec: ModelSpec, model: nn.Module, img_size: int | None) -> IOSpec:
         side = img_size or spec.img_size
@@ -225,6 +307,35 @@ class TransformersFamily(Family):
     def tiny(self, spec: ModelSpec) -> ModelSpec:
         tiny = with_kwargs(spec, f"tiny-{spec.alias}", config=dict(_entry(spec).tiny))
         return replace(tiny, img_size=TINY_IMG)
+
+    def eval_preprocessing(self, spec: ModelSpec, model: nn.Module,
+                           img_size: int | None) -> dict[str, Any] | None:
+        """The image processor of the checkpoints of each model type (their
+        ``preprocessor_config.json``): mean/std, resize and crop, at the input size."""
+        imagenet = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+        half = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+        # crop_pct: the crop's share of the resized short side (DINOv2: 224 of 256);
+        # "squash": resize to size x size, no crop (SigLIP's and ViT's processors).
+        known: dict[str, dict[str, Any]] = {
+            "clip_vision_model": {"mean": (0.48145466, 0.4578275, 0.40821073),
+                                  "std": (0.26862954, 0.26130258, 0.27577711),
+                                  "crop_pct": 1.0, "interpolation": "bicubic",
+                                  "crop_mode": "center"},
+            "siglip_vision_model": {**half, "crop_pct": 1.0, "interpolation": "bicubic",
+                                    "crop_mode": "squash"},
+            "dinov2": {**imagenet, "crop_pct": 224 / 256, "interpolation": "bicubic",
+                       "crop_mode": "center"},
+            "videomae": {**imagenet, "crop_pct": 1.0, "interpolation": "bilinear",
+                         "crop_mode": "center"},
+            # google/vit-*: ViTImageProcessor's own mean/std; DeiT checkpoints differ.
+            "vit": {**half, "crop_pct": 1.0, "interpolation": "bilinear",
+                    "crop_mode": "squash"},
+        }
+        model_type = model.model.config.model_type
+        if model_type not in known:
+            raise UnsupportedModelError(f"eval has no image preprocessing for {spec.alias} "
+                                        f"(model type {model_type})")
+        return {**known[model_type], "size": img_size or spec.img_size}
 
 
 FAMILY = TransformersFamily()

@@ -14,7 +14,6 @@ is refused in one line.
 
 from __future__ import annotations
 
-import functools
 from operator import attrgetter
 from typing import Any, ClassVar, NamedTuple
 
@@ -23,14 +22,6 @@ import torch.nn as nn
 
 from mame_export.families.tokens import log_size_bias
 from mame_export.plan import MergePlan
-from mame_export.plan import keep_schedule as plan_keep_schedule
-
-
-@functools.lru_cache(maxsize=256)
-def keep_schedule(n_patches: int, r: float, merge_layers: tuple[int, ...],
-                  depth: int) -> tuple[int | None, ...]:
-    """Per layer: mergeable tokens to keep, or None where the layer does not merge."""
-    return plan_keep_schedule(n_patches, r, merge_layers, depth)
 
 
 class Run(NamedTuple):
@@ -85,7 +76,6 @@ class _MaMeEncoder:
     protected: ClassVar[int]  # leading tokens that never merge (the class token)
     has_pooler: ClassVar[bool] = True
     _mame_plan: MergePlan
-    _mame_layers: tuple[int, ...]
 
     def _mame_embed(self, pixel_values: torch.Tensor, interpolate: bool) -> torch.Tensor:
         raise NotImplementedError
@@ -97,8 +87,9 @@ class _MaMeEncoder:
     def _mame_blocks(self, x: torch.Tensor, upto: int | None = None, keep_hidden: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
         layers = attrgetter(self.layers_path)(self)
-        schedule = keep_schedule(x.shape[1] - self.protected, self._mame_plan.r,
-                                 self._mame_layers, len(layers))
+        keep = self._mame_plan.keep_counts_for(x.shape[1] - self.protected)
+        # Layers past the plan's (a LLaVA tower stops one early) never merge.
+        schedule = (*keep, *(None,) * (len(layers) - len(keep)))
         size, hidden = None, [x] if keep_hidden else []
         for layer, n_keep in list(zip(layers, schedule, strict=True))[:upto]:
             x, size = layer(x, size, n_keep)

@@ -12,24 +12,19 @@ Written against transformers 5.24. Nothing here imports transformers at module l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import Any
 
 import torch.nn as nn
 
+from mame_export.families.base import Patcher
 from mame_export.families.swap import swap, unpatched_class
 from mame_export.families.transformers import encoders
 from mame_export.families.transformers import layers as hf_layers
-from mame_export.families.transformers.encoders import keep_schedule
 from mame_export.ops import step_macs
-from mame_export.plan import (
-    BlockPlan,
-    BlockSettings,
-    MergePlan,
-    block_plans,
-    check_ratio,
-    merge_layers_or_default,
-)
+from mame_export.plan import BlockPlan, BlockSettings, Size
 
 FAMILY = "transformers"
 
@@ -98,14 +93,6 @@ def encoder_of(model: nn.Module) -> nn.Module:
     return inner
 
 
-def matches(model: nn.Module) -> bool:
-    try:
-        encoder_of(model)
-    except TypeError:
-        return False
-    return True
-
-
 def arch_of(encoder: nn.Module) -> Arch:
     return ARCHS[_hf_name(encoder)]  # type: ignore[index]
 
@@ -129,17 +116,6 @@ def patch_conv(encoder: nn.Module) -> nn.Module:
     return next(m for m in encoder.embeddings.modules() if isinstance(m, nn.Conv2d | nn.Conv3d))
 
 
-def num_patches(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int:
-    """Patch tokens (video: tubelets) at ``img_size`` (default: the config's image size)."""
-    encoder = encoder_of(model)
-    cfg = encoder.config
-    size = cfg.image_size if img_size is None else img_size
-    h, w = (size, size) if isinstance(size, int) else size
-    kernel = patch_conv(encoder).kernel_size
-    n = (h // kernel[-2]) * (w // kernel[-1])
-    return n * (cfg.num_frames // kernel[0]) if len(kernel) == 3 else n
-
-
 def _linear_macs(module: nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
@@ -161,110 +137,112 @@ def _head_macs(model: nn.Module, encoder: nn.Module, n_final: int) -> int:
     return macs
 
 
-def _macs(model: nn.Module, blocks: list[BlockPlan], merge_cost: bool) -> int:
-    """Analytic MACs of the matrix products (linear layers, attention, merge) at batch 1."""
-    encoder = encoder_of(model)
-    arch = arch_of(encoder)
-    p = arch.protected
-    macs = patch_conv(encoder).weight.numel() * (blocks[0].tokens_in - p)
-    for layer, bp in zip(layer_list(encoder), blocks, strict=False):
-        attn_part = attrgetter(arch.attention.split(".")[0])(layer)  # VideoMAE: with output
-        attn = attrgetter(arch.attention)(layer)
-        q_lin = attn.q_proj if hasattr(attn, "q_proj") else attn.query
-        n = bp.tokens_in
-        macs += _linear_macs(attn_part) * n + 2 * n * n * q_lin.out_features
-        macs += (_linear_macs(layer) - _linear_macs(attn_part)) * bp.tokens_out
-        if merge_cost and bp.merges:
-            head_dim = q_lin.out_features // encoder.config.num_attention_heads
-            macs += step_macs(n - p, bp.tokens_out - p, encoder.config.hidden_size, head_dim)
-    if layers_run(model) == len(layer_list(encoder)):
-        macs += _head_macs(model, encoder, blocks[-1].tokens_out - p)
-    return int(macs)
+class TransformersPatcher(Patcher):
+    """MaMe for the transformers encoders of :data:`ARCHS` (and the task models of
+    :data:`HEADS`); the plan's hooks read the config and the modules' shapes."""
+
+    family = FAMILY
+
+    def matches(self, model: nn.Module) -> bool:
+        try:
+            encoder_of(model)
+        except TypeError:
+            return False
+        return True
+
+    def num_patches(self, model: nn.Module, size: Size | None = None) -> int:
+        """Patch tokens (video: tubelets) at ``size`` (default: the config's image size)."""
+        encoder = encoder_of(model)
+        cfg = encoder.config
+        side = cfg.image_size if size is None else size
+        h, w = (side, side) if isinstance(side, int) else side
+        kernel = patch_conv(encoder).kernel_size
+        n = (h // kernel[-2]) * (w // kernel[-1])
+        return n * (cfg.num_frames // kernel[0]) if len(kernel) == 3 else n
+
+    def depth(self, model: nn.Module) -> int:
+        return layers_run(model)
+
+    def protected(self, model: nn.Module) -> int:
+        return arch_of(encoder_of(model)).protected
+
+    def input_step(self, model: nn.Module) -> int:
+        return int(patch_conv(encoder_of(model)).kernel_size[-1])
+
+    def macs(self, model: nn.Module, size: Size | None, blocks: Sequence[BlockPlan],
+             merge_cost: bool, **options: Any) -> int:
+        """Analytic MACs of the matrix products (linear layers, attention, merge) at
+        batch 1."""
+        encoder = encoder_of(model)
+        arch = arch_of(encoder)
+        p = arch.protected
+        macs = patch_conv(encoder).weight.numel() * (blocks[0].tokens_in - p)
+        for layer, bp in zip(layer_list(encoder), blocks, strict=False):
+            attn_part = attrgetter(arch.attention.split(".")[0])(layer)  # VideoMAE: + output
+            attn = attrgetter(arch.attention)(layer)
+            q_lin = attn.q_proj if hasattr(attn, "q_proj") else attn.query
+            n = bp.tokens_in
+            macs += _linear_macs(attn_part) * n + 2 * n * n * q_lin.out_features
+            macs += (_linear_macs(layer) - _linear_macs(attn_part)) * bp.tokens_out
+            if merge_cost and bp.merges:
+                head_dim = q_lin.out_features // encoder.config.num_attention_heads
+                macs += step_macs(n - p, bp.tokens_out - p, encoder.config.hidden_size,
+                                  head_dim)
+        if layers_run(model) == len(layer_list(encoder)):
+            macs += _head_macs(model, encoder, blocks[-1].tokens_out - p)
+        return int(macs)
+
+    def notes(self, model: nn.Module, size: Size | None, blocks: Sequence[BlockPlan],
+              **options: Any) -> list[str]:
+        encoder = encoder_of(model)
+        p, n0 = arch_of(encoder).protected, blocks[0].tokens_in - arch_of(encoder).protected
+        notes = []
+        kernel = patch_conv(encoder).kernel_size
+        if len(kernel) == 3:  # video: the tokens are tubelets of the clip
+            frames = encoder.config.num_frames
+            notes.append(f"video: {n0} clip tokens = {frames // kernel[0]} tubelets in time "
+                         f"({frames} frames / {kernel[0]}) x {n0 * kernel[0] // frames} "
+                         f"patches per frame -> {blocks[-1].tokens_out} after merging")
+        depth = len(layer_list(encoder))
+        if layers_run(model) < depth:
+            notes.append(f"LLaVA encoder: runs layers 0-{layers_run(model) - 1} of {depth} "
+                         "and returns the second-to-last layer's patch tokens: "
+                         f"{n0} -> {blocks[-1].tokens_out - p} image tokens for the language "
+                         "model")
+        return notes
+
+    def apply(self, model: nn.Module, r: float, *, tau: float, layers: Sequence[int] | None,
+              prop_attn: bool, mode: str, img_size: Size | None = None,
+              **options: Any) -> nn.Module:
+        """Patch a supported transformers model (or this family's wrapper of one) in place;
+        re-applying replaces the plan. ``img_size``: the input size the plan is for (other
+        sizes DINOv2 interpolates to still run; the forward follows the plan's r there)."""
+        if options:
+            raise TypeError(f"transformers encoders take no options {sorted(options)}")
+        encoder = encoder_of(model)
+        check_supported(model)
+        plan = self.build_plan(model, r, tau, layers, prop_attn, mode, img_size=img_size)
+        arch = arch_of(encoder)
+        p = arch.protected
+        for i, layer in enumerate(layer_list(encoder)):
+            bp = plan.blocks[i] if i < len(plan.blocks) else None
+            merges = bp is not None and bp.merges
+            keep = (bp.tokens_out - p) / (bp.tokens_in - p) if bp is not None else 1.0
+            swap(layer, arch.layer_mixin, settings=BlockSettings(
+                merges=merges, tau=float(tau), prop_attn=prop_attn, mode=mode, protected=p,
+                keep_ratio=keep))
+            swap(attrgetter(arch.attention)(layer), hf_layers.SizedAttention)
+        swap(encoder, arch.encoder_mixin)
+        encoder._mame_plan = plan
+        inner = task_model(model)
+        if inner is not encoder:
+            swap(inner, HEADS[_hf_name(inner)][1])  # type: ignore[index]
+            inner._mame_plan = plan
+        model._mame_plan = plan
+        return model
 
 
-def _block_plans(model: nn.Module, n0: int, r: float, merge_layers: list[int]
-                 ) -> list[BlockPlan]:
-    sched = keep_schedule(n0, r, tuple(merge_layers), layers_run(model))
-    return block_plans(n0, arch_of(encoder_of(model)).protected, sched)
-
-
-def _merge_layers(model: nn.Module, layers_: list[int] | None) -> list[int]:
-    return merge_layers_or_default(layers_, layers_run(model))
-
-
-def build_plan(
-    model: nn.Module,
-    r: float,
-    tau: float,
-    layers: list[int] | None,
-    prop_attn: bool,
-    mode: str,
-    img_size: int | tuple[int, int] | None = None,
-) -> MergePlan:
-    """The merge plan of ``model`` (patched or not) at ``img_size`` (default: its config's)."""
-    check_ratio(r)
-    merge_layers = _merge_layers(model, layers)
-    n0 = num_patches(model, img_size)
-    blocks = _block_plans(model, n0, r, merge_layers)
-    unpatched = _block_plans(model, n0, 0.0, [])
-    notes = []
-    if mode == "adaptive":
-        notes.append("adaptive mode: token counts shown are the static floor; retained "
-                     "distinctive sources add to them at run time")
-    kernel = patch_conv(encoder_of(model)).kernel_size
-    if len(kernel) == 3:  # video: the tokens are tubelets of the clip
-        frames = encoder_of(model).config.num_frames
-        notes.append(f"video: {n0} clip tokens = {frames // kernel[0]} tubelets in time "
-                     f"({frames} frames / {kernel[0]}) x {n0 * kernel[0] // frames} patches "
-                     f"per frame -> {blocks[-1].tokens_out} after merging")
-    depth = len(layer_list(encoder_of(model)))
-    if layers_run(model) < depth:
-        n_out = blocks[-1].tokens_out - arch_of(encoder_of(model)).protected
-        notes.append(f"LLaVA encoder: runs layers 0-{layers_run(model) - 1} of {depth} and "
-                     f"returns the second-to-last layer's patch tokens: {n0} -> {n_out} "
-                     "image tokens for the language model")
-    return MergePlan(
-        family=FAMILY, r=float(r), tau=float(tau), mode=mode, prop_attn=prop_attn,
-        num_patches=n0, num_protected=arch_of(encoder_of(model)).protected,
-        blocks=tuple(blocks), macs=_macs(model, blocks, merge_cost=True),
-        macs_unpatched=_macs(model, unpatched, merge_cost=False), notes=tuple(notes),
-    )
-
-
-def apply(
-    model: nn.Module,
-    r: float,
-    *,
-    tau: float,
-    layers: list[int] | None,
-    prop_attn: bool,
-    mode: str,
-    img_size: int | tuple[int, int] | None = None,
-) -> nn.Module:
-    """Patch a supported transformers model (or this family's wrapper of one) in place;
-    re-applying replaces the plan. ``img_size``: the input size the plan is for (other
-    sizes DINOv2 interpolates to still run; only the stored plan is for this one)."""
-    encoder = encoder_of(model)
-    check_supported(model)
-    plan = build_plan(model, r, tau, layers, prop_attn, mode, img_size)
-    arch = arch_of(encoder)
-    p = arch.protected
-    for i, layer in enumerate(layer_list(encoder)):
-        bp = plan.blocks[i] if i < len(plan.blocks) else None
-        merges = bp is not None and bp.merges
-        keep = (bp.tokens_out - p) / (bp.tokens_in - p) if bp is not None else 1.0
-        swap(layer, arch.layer_mixin, settings=BlockSettings(
-            merges=merges, tau=float(tau), prop_attn=prop_attn, mode=mode, protected=p,
-            keep_ratio=keep))
-        swap(attrgetter(arch.attention)(layer), hf_layers.SizedAttention)
-    swap(encoder, arch.encoder_mixin)
-    encoder._mame_plan = plan
-    # The requested layers, not plan.merge_layers: a layer whose rounded count does not
-    # drop still counts in the compounded ratio.
-    encoder._mame_layers = tuple(_merge_layers(model, layers))
-    inner = task_model(model)
-    if inner is not encoder:
-        swap(inner, HEADS[_hf_name(inner)][1])  # type: ignore[index]
-        inner._mame_plan = plan
-    model._mame_plan = plan
-    return model
+PATCHER = TransformersPatcher()
+# The module's functions, as tools and tests call them.
+matches, num_patches = PATCHER.matches, PATCHER.num_patches
+apply, build_plan = PATCHER.apply, PATCHER.build_plan
