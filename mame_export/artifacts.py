@@ -44,7 +44,8 @@ def ensure_writable_dir(path: Path) -> None:
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True)
         probe.close()
     except OSError as e:
-        raise OutputDirError(f"cannot write to {path}: {e.strerror or e}") from None
+        raise OutputDirError(f"cannot write to {shown_path(path)}: {e.strerror or e}") \
+            from None
 
 
 def check_out_dir(path: Path) -> None:
@@ -164,7 +165,9 @@ def signals_deferred() -> Iterator[None]:
 # folder from one a killed run (SIGKILL, power loss) left behind.
 TMP_PREFIX = ".tmp-mame-"
 STALE_AFTER_S = 3600.0
-_PID_IN_NAME = re.compile(r"-(\d+)-[^-]*$")
+# What follows a prefix in a name tmp_prefix() + mkdtemp made: the pid, '-', a random tail.
+# Matched whole, so a user's own `.tmp-mydata` is never taken for one of ours.
+_PID_AND_TAIL = re.compile(r"(?:mame-)?(\d+)-[A-Za-z0-9_]+")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -174,7 +177,7 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's live process
         return True
-    except OSError:
+    except (OSError, OverflowError):  # cannot tell (a pid too large for the OS): keep it
         return True
     return True
 
@@ -184,12 +187,23 @@ def tmp_prefix(base: str = TMP_PREFIX) -> str:
     return f"{base}{os.getpid()}-"
 
 
-def clean_stale_dirs(folder: Path, prefixes: Sequence[str],
+def _maker_pid(name: str, prefixes: Sequence[str]) -> int | None:
+    """The pid in ``name`` if it is a temporary folder's name made with one of ``prefixes``
+    (``<prefix><pid>-<tail>``, or ``<prefix>mame-<pid>-<tail>`` for a short prefix such as
+    ``.tmp-``); None for any other name."""
+    for p in prefixes:
+        if name.startswith(p) and (m := _PID_AND_TAIL.fullmatch(name, len(p))):
+            return int(m.group(1))
+    return None
+
+
+def clean_stale_dirs(folder: Path, prefixes: Sequence[str] = (TMP_PREFIX,),
                      max_age_s: float = STALE_AFTER_S) -> list[Path]:
-    """Remove temporary folders in ``folder`` that an earlier, killed run left: named with
-    one of ``prefixes``, owned by this user, untouched for ``max_age_s`` and made by a
-    process that no longer runs (folders without a pid in their name, as older versions
-    made, need only the age). Returns what was removed; errors are ignored."""
+    """Remove temporary folders in ``folder`` that an earlier, killed run left: named as
+    :func:`tmp_prefix` names them with one of ``prefixes`` (``.tmp-mame-<pid>-*`` by default),
+    owned by this user, untouched for ``max_age_s`` and made by a process that no longer
+    runs. Any other folder, a user's ``.tmp-mydata`` included, is left alone. Returns what
+    was removed; errors are ignored."""
     removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
@@ -198,7 +212,8 @@ def clean_stale_dirs(folder: Path, prefixes: Sequence[str],
     now = time.time()
     uid = os.getuid() if hasattr(os, "getuid") else None
     for e in entries:
-        if not any(e.name.startswith(p) for p in prefixes):
+        pid = _maker_pid(e.name, prefixes)
+        if pid is None or pid == os.getpid():
             continue
         try:
             st = e.stat(follow_symlinks=False)
@@ -206,15 +221,20 @@ def clean_stale_dirs(folder: Path, prefixes: Sequence[str],
             continue
         if not stat.S_ISDIR(st.st_mode) or (uid is not None and st.st_uid != uid):
             continue
-        if now - st.st_mtime < max_age_s:
-            continue
-        m = _PID_IN_NAME.search(e.name)
-        if m and (int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1)))):
+        if now - st.st_mtime < max_age_s or _pid_alive(pid):
             continue
         shutil.rmtree(e.path, ignore_errors=True)
         if not os.path.exists(e.path):
             removed.append(Path(e.path))
     return removed
+
+
+def shown_path(path: Path) -> Path:
+    """``path`` as the user sees it: without this toolkit's private folders, so a file being
+    written in ``DIR/.tmp-mame-PID-x/`` is named by where it lands, ``DIR/NAME``."""
+    path = Path(path)
+    parts = [p for p in path.parts if _maker_pid(p, (TMP_PREFIX,)) is None]
+    return Path(*parts) if parts else path
 
 
 def _rmtree_quietly(path: Path) -> None:
@@ -226,16 +246,18 @@ def _rmtree_quietly(path: Path) -> None:
 def private_dir(final_dir: Path) -> Iterator[Path]:
     """A folder of this run's own inside ``final_dir`` (same file system, so its files
     can be renamed into place); removed on the way out, whatever happens."""
+    shown = shown_path(final_dir)  # a private folder inside another names the outer one
     try:
         tmp = Path(tempfile.mkdtemp(dir=final_dir, prefix=tmp_prefix()))
     except OSError as e:
-        raise OutputDirError(f"cannot write to {final_dir}: {e.strerror or e}") from None
+        if e.errno == errno.ENOSPC:
+            raise OutputDirError(f"no space left on device while writing to {shown}") from None
+        raise OutputDirError(f"cannot write to {shown}: {e.strerror or e}") from None
     try:
         yield tmp
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise OutputDirError(f"no space left on device while writing to {final_dir}") \
-                from None
+            raise OutputDirError(f"no space left on device while writing to {shown}") from None
         raise
     finally:
         _rmtree_quietly(tmp)
@@ -266,12 +288,13 @@ def commit_files(tmp: Path, final_dir: Path, names: Sequence[str]) -> None:
     fails, the files already replaced are put back as they were. The last name lands
     last (give the graph last: it appears only once its sidecar and data are in place).
     """
-    shown = final_dir.parent if final_dir.name.startswith(TMP_PREFIX) else final_dir
+    shown = shown_path(final_dir)
     with signals_deferred(), locked_dir(final_dir):
         for n in names:
             dst = final_dir / n
             if dst.is_dir() and not dst.is_symlink():
-                raise OutputDirError(f"cannot write {dst}: a folder of that name is in the way")
+                raise OutputDirError(f"cannot write {shown / n}: a folder of that name is in "
+                                     "the way")
         done: list[tuple[Path, Path | None]] = []  # (destination, backup of the old file)
         try:
             for n in names:
@@ -322,7 +345,8 @@ def atomic_file(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     path = Path(path)
     ensure_writable_dir(path.parent)
     if path.is_dir() and not path.is_symlink():
-        raise OutputDirError(f"cannot write {path}: a folder of that name is in the way")
+        raise OutputDirError(f"cannot write {shown_path(path)}: a folder of that name is in "
+                             "the way")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
@@ -333,7 +357,8 @@ def atomic_file(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise OutputDirError(f"no space left on device while writing {path}") from None
+            raise OutputDirError(f"no space left on device while writing {shown_path(path)}") \
+                from None
         raise
 
 

@@ -167,7 +167,7 @@ def run_export(req: ExportRequest | Job, log: Log = stderr_log,
 
     created = make_dirs(job.out_dir)
     try:
-        clean_stale_dirs(job.out_dir, (".tmp-",))  # this toolkit's .tmp-mame-PID-* only
+        clean_stale_dirs(job.out_dir)  # this toolkit's .tmp-mame-PID-* left by killed runs
         with private_dir(job.out_dir) as tmp:
             meta = _export_in(tmp, built, stem, log)
             meta["onnx"] = str(onnx_path)

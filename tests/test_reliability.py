@@ -253,9 +253,10 @@ def test_4_a_later_run_removes_stale_temporary_folders(tmp_path) -> None:
     out.mkdir()
     old = time.time() - 2 * 3600
     dead = 4_194_305  # above Linux's pid_max: no such process
-    stale = [out / f".tmp-mame-{dead}-abc123", out / ".tmp-k2j3h4g5"]  # ours, an older version's
+    stale = [out / f".tmp-mame-{dead}-abc123"]  # ours
     kept = [out / f".tmp-mame-{dead}-fresh1",  # too recent to judge
-            out / f".tmp-mame-{os.getpid()}-alive1"]  # its process still runs
+            out / f".tmp-mame-{os.getpid()}-alive1",  # its process still runs
+            out / ".tmp-k2j3h4g5"]  # no pid: maybe a user's (issue 24 item 11)
     for d in stale + kept:
         d.mkdir()
         (d / "partial.onnx").write_bytes(b"half a graph")

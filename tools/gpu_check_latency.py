@@ -1,223 +1,119 @@
-"""tools/gpu_check.py, parts 3 and 4: latency of the variants per (model, batch, backend),
-and ONNX Runtime CUDA (exports, parity, latency), over the project's runners and its
-shared interleaved timer (``mame_export.profile``).
+"""tools/gpu_check.py, parts 3 and 4: ``mame-export profile ... --json`` per latency group,
+and ONNX Runtime CUDA (the profile command on the ``onnxrt-cuda`` backend).
 
-Imported by ``tools/gpu_check.py`` only; torch and mame_export load when a part runs.
+The r where MACs halve comes from ``mame-export plan MODEL --target-macs 0.5 --json``.
+Rows are the profile command's JSON rows, with ``p50_ms`` (= ``median_ms``) and
+``r_target`` added. Imported by ``tools/gpu_check.py`` only.
 """
 
 from __future__ import annotations
 
-import copy
-import tempfile
-import time
-import traceback
-from pathlib import Path
+import math
 from typing import Any
 
-from gpu_check_parts import PARITY_R, build, free_cuda, solve_r_for_macs
+from gpu_check_parts import HALF_MACS, PARITY_R, LatencyGroup
 
 
 def _f(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def row_dicts(rows: list[Any], extras: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows as recorded: the profiler's keys, ``p50_ms`` (= median) and the extras."""
+def rows_with_targets(rows: list[dict[str, Any]], r_half: float | None) -> list[dict[str, Any]]:
+    """The profile rows as recorded: ``p50_ms`` and which r each row's variant was asked at."""
     out = []
-    for rw, ex in zip(rows, extras, strict=True):
-        d = rw.to_dict()
-        d["p50_ms"] = d["median_ms"]
-        d.update(ex)
+    for row in rows:
+        d = dict(row)
+        d["p50_ms"] = d.get("median_ms")
+        r = d.get("r")
+        if d.get("variant") == "baseline":
+            d["r_target"] = "unmerged"
+        elif r is not None and r_half is not None and math.isclose(r, r_half, abs_tol=1e-9):
+            d["r_target"] = "MACs/2"
+        else:
+            d["r_target"] = f"r={_f(r, 'g')}"
         out.append(d)
     return out
 
 
-def resolve_r(chk: Any, model_name: str, target: str) -> float:
-    if target == "half":
-        if model_name not in chk.r_half:
-            base, _ = build(model_name, chk.cfg.dry_run, chk.models)
-            t0 = time.monotonic()
-            chk.r_half[model_name] = solve_r_for_macs(base)
-            r, ratio, how = chk.r_half[model_name]
-            chk.log(f"latency: {model_name}: MACs halve at r={r:g} (ratio {ratio:.4f}, "
-                    f"solved by {how} in {time.monotonic() - t0:.1f} s)")
-        return chk.r_half[model_name][0]
-    return float(target)
+def r_half_macs(chk: Any, model: str, flags: tuple[str, ...] = ()) -> float | None:
+    """The smallest r whose MaMe plan has at most half the MACs (the plan command), cached."""
+    key = " ".join([model, *flags])
+    if key not in chk.r_half:
+        call = chk.cli(["plan", model, *flags, "--target-macs", f"{HALF_MACS:g}", "--weights",
+                        "random", "--json"], min_s=10, cap_s=chk.cfg.cap_s,
+                       reserve_s=chk.ort_reserve())
+        plan = (call.data or {}).get("plan") or {}
+        chk.r_half[key] = {"r": plan.get("r"), "flops_ratio": plan.get("flops_ratio"),
+                           "solver": "mame-export plan --target-macs", "call": call.record()}
+        if plan.get("r") is not None:
+            chk.log(f"latency: {key}: MACs halve at r={plan['r']:g} "
+                    f"(ratio {plan['flops_ratio']:.4f})")
+    return chk.r_half[key]["r"]
 
 
-def _variants_for(chk: Any, g: Any, built: dict[tuple, Any]) -> list[tuple]:
-    """The group's (variant, r, target) keys, building each patched copy once per model."""
-    from mame_export.profile import build_variant, unpatched_macs
-
-    base, _ = build(g.model, chk.cfg.dry_run, chk.models)
-    macs_key = (g.model, "macs0")
-    if macs_key not in built:
-        built[macs_key] = unpatched_macs(base)
-    keys = []
-    specs = [("baseline", 0.0, "-")] if "baseline" in g.variants else []
-    for target in g.targets:
-        r = resolve_r(chk, g.model, target)
-        specs += [(v, r, target) for v in ("mame", "tome") if v in g.variants]
-    for v, r, target in specs:
-        key = (g.model, v, r)
-        if key not in built:
-            built[key] = build_variant(base, v, r, built[macs_key])
-        keys.append((key, target))
-    return keys
+def profile_args(cfg: Any, model: str, flags: tuple[str, ...], rs: list[float],
+                 backends: tuple[str, ...], batches: tuple[int, ...],
+                 variants: tuple[str, ...], precision: str) -> list[str]:
+    return ["profile", model, *flags, "--r", ",".join(repr(r) for r in rs),
+            "--backends", ",".join(backends), "--device", cfg.device,
+            "--batch", ",".join(map(str, batches)), "--precision", precision,
+            "--variants", ",".join(variants), *cfg.timing_flags(), "--json"]
 
 
-def _compile_skip(chk: Any, reserve_s: float) -> str:
-    """Why the next compile does not fit the budget, or ""; the last compile is the best
-    guess of the next (the first one also pays for starting inductor's workers)."""
-    guess = (chk.compile_times[-1] if chk.compile_times else chk.cfg.compile_guess_s) * 1.3
-    if chk.left() - reserve_s < guess + 10:
-        return (f"time budget: {chk.left():.0f} s left, a compile is estimated at {guess:.0f} s "
-                f"(+{reserve_s:.0f} s kept for later parts)")
-    return ""
-
-
-def time_group(chk: Any, g: Any, built: dict[tuple, Any],
-               reserve_s: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Activate (and compile) each variant's runner, then time them all in turns."""
-    import torch
-
-    from mame_export.export import PRECISIONS
-    from mame_export.profile import (
-        Row,
-        add_speedups,
-        image_shape,
-        one_line,
-        random_input_sets,
-        time_rows,
-    )
-    from mame_export.runners import TimedStep, compile_room, deactivating
-    from mame_export.runners.factory import make_runner
-
-    cfg = chk.cfg
-    gi: dict[str, Any] = {"model": g.model, "batch": g.batch, "backend": g.backend,
-                          "precision": cfg.precision}
-    t_group = time.monotonic()
-    keys = _variants_for(chk, g, built)
-    base, _ = build(g.model, cfg.dry_run, chk.models)
-    arrays = random_input_sets(g.batch, image_shape(base), cfg.timing.input_sets, seed=g.batch)
-    feeds = [{"pixels": a} for a in arrays]
-    rows: list[Any] = []
-    extra: list[dict[str, Any]] = []
-    steps: dict[int, TimedStep] = {}
-    compiled = g.backend == "torch-compile"
-    on_gpu = cfg.device.startswith("cuda")
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    if compiled:
-        torch._dynamo.reset()  # no compiled graph of an earlier group is reused
-    with compile_room(len(keys)), deactivating([]) as runners:
-        for key, target in keys:
-            var = built[key]
-            row = Row(g.model, var.name, g.backend, g.batch, var.r, cfg.precision,
-                      flops_ratio=var.flops_ratio, gmacs=var.gmacs,
-                      final_tokens=var.final_tokens)
-            ex: dict[str, Any] = {"r_target": "unmerged" if var.name == "baseline" else
-                                  ("MACs/2" if target == "half" else f"r={target}")}
-            rows.append(row)
-            extra.append(ex)
-            row.skipped = var.error or (compiled and _compile_skip(chk, reserve_s)) or None
-            if row.skipped:
-                if not var.error:
-                    chk.log(f"latency: {g.model} b{g.batch} {g.backend} {var.name} "
-                            f"r={var.r:g}: skipped ({row.skipped})")
-                continue
-            try:
-                runner = make_runner(g.backend, model=var.model, device=cfg.device,
-                                     dtype=PRECISIONS[cfg.precision],
-                                     compile_backend=cfg.compile_backend)
-                runners.append(runner)
-                step = runner.prepare_timing(feeds)
-                t0 = time.perf_counter()
-                step.run(step.inputs[0])  # the first call: compiles under torch.compile
-                step.wait()
-                first = time.perf_counter() - t0
-                ex["first_call_s"] = round(first, 3)
-                if compiled:
-                    ex["compile_s"] = round(first, 2)
-                    ex["compile_backend"] = cfg.compile_backend
-                    chk.compile_times.append(first)
-                    chk.log(f"latency: compiled {g.model} b{g.batch} {var.name} "
-                            f"r={var.r:g} in {first:.1f} s")
-                steps[len(rows) - 1] = step
-            except Exception as e:  # noqa: BLE001 - a variant that fails is a row saying why
-                row.skipped = f"failed: {one_line(e)}"
-                free_cuda()
-        if steps:
-            chk.log(f"latency: timing {len(steps)} variant(s) in turns: {g.model} "
-                    f"b{g.batch} {g.backend} ...")
-        time_rows(rows, steps, cfg.timing)
-    add_speedups(rows)
-    if compiled:
-        torch._dynamo.reset()
-    if on_gpu:
-        gi["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    gi["seconds"] = round(time.monotonic() - t_group, 2)
-    return row_dicts(rows, extra), gi
+def run_group(chk: Any, g: LatencyGroup) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One profile call: (the group's record, its rows)."""
+    gi: dict[str, Any] = {"model": g.model, "flags": list(g.flags), "batches": list(g.batches),
+                          "backends": list(g.backends), "variants": list(g.variants)}
+    r_half = r_half_macs(chk, g.model, g.flags) if "half" in g.targets else None
+    rs = [PARITY_R if t == "0.5" else r_half for t in g.targets]
+    if any(r is None for r in rs):
+        gi["error"] = "no r where MACs halve: " + str(chk.r_half[" ".join([g.model, *g.flags])]
+                                                      ["call"].get("error"))
+        return gi, []
+    call = chk.cli(profile_args(chk.cfg, g.model, g.flags, rs, g.backends, g.batches,
+                                g.variants, chk.cfg.precision),
+                   min_s=g.min_s, cap_s=g.cap_s, reserve_s=chk.ort_reserve())
+    gi.update(call.record())
+    if call.data is None:
+        gi["skipped" if call.skipped else "error"] = call.skipped or call.error
+        return gi, []
+    return gi, rows_with_targets(call.data.get("results", []), r_half)
 
 
 def part_latency(chk: Any, rec: dict[str, Any]) -> None:
-    from mame_export.profile import one_line
-
     cfg = chk.cfg
     rec.update(
-        precision=cfg.precision, device=cfg.device,
-        timing=vars(cfg.timing),
-        method=("variants of one (model, batch, backend) timed in turns, one call each per "
-                "round with a rotating start (mame_export.profile.measure_interleaved), after "
-                "warm-up; CUDA events on the GPU (perf_counter + sync on the CPU); "
-                f"{cfg.timing.input_sets} standard-normal input sets on the device, rotated; "
-                f"torch.inference_mode; model.to({cfg.precision}); torch.compile(dynamic=False, "
-                f"backend={cfg.compile_backend}), its first call (compile) recorded as "
-                "compile_s and not timed; speed-up = "
-                "baseline p50 / variant p50 in the same group; ideal = 1 / MACs ratio; "
-                "efficiency = speed-up / ideal"),
+        precision=cfg.precision, device=cfg.device, timing=cfg.timing,
+        compile_backend=cfg.compile_backend,
+        method=("mame-export profile per group: the variants of one (model, backend, batch) "
+                "timed in turns, one call each per round with a rotating start, after "
+                "warm-up; the command's own timing (CUDA events on the GPU) and speed-ups "
+                "(baseline p50 / variant p50 in the same group; ideal = 1 / MACs ratio; "
+                "efficiency = speed-up / ideal); the r where MACs halve from mame-export plan "
+                "--target-macs 0.5"),
         r_half_macs={}, groups=[], rows=[])
-    built: dict[tuple, Any] = {}
-    reserve = cfg.ort_reserve_s if chk.ort_can_run else 0.0
+    if cfg.dry_run:
+        rec["stand_ins"] = chk.stand_ins
     any_skipped = False
-    current_model = None
     for g in cfg.groups:
-        if current_model is not None and g.model != current_model:
-            # variants of the previous model are not needed again if no later group uses them
-            if all(h.model != current_model for h in cfg.groups[cfg.groups.index(g):]):
-                for k in [k for k in built if k[0] == current_model]:
-                    del built[k]
-                free_cuda()
-        current_model = g.model
-        label = f"{g.model} b{g.batch} {g.backend}"
-        if chk.left() - reserve < 15:
-            rec["groups"].append({"model": g.model, "batch": g.batch, "backend": g.backend,
-                                  "skipped": f"time budget: {chk.left():.0f} s left"})
-            chk.log(f"latency: {label}: skipped (time budget)")
-            any_skipped = True
-            chk.write()
-            continue
-        try:
-            rows, gi = time_group(chk, g, built, reserve)
-        except Exception as e:  # noqa: BLE001 - a group that fails is recorded, the rest runs
-            gi = {"model": g.model, "batch": g.batch, "backend": g.backend,
-                  "error": one_line(e), "traceback": traceback.format_exc(limit=8)[-3000:]}
-            rows = []
-            chk.log(f"latency: {label}: ERROR {one_line(e)}")
-            free_cuda()
+        gi, rows = run_group(chk, g)
         rec["groups"].append(gi)
         rec["rows"].extend(rows)
-        rec["r_half_macs"] = {m: {"r": r, "flops_ratio": q, "solver": how}
-                              for m, (r, q, how) in chk.r_half.items()}
-        any_skipped |= "error" in gi or any(r["skipped"] for r in rows)
+        rec["r_half_macs"] = {k: {kk: v[kk] for kk in ("r", "flops_ratio", "solver")}
+                              for k, v in chk.r_half.items() if v["r"] is not None}
+        rec["plan_calls"] = [v["call"] for v in chk.r_half.values()]
+        any_skipped |= "error" in gi or "skipped" in gi or any(r["skipped"] for r in rows)
+        note = gi.get("skipped") or gi.get("error")
+        if note:
+            chk.log(f"latency: {g.label}: {'skipped' if 'skipped' in gi else 'ERROR'} ({note})")
         for r in rows:
-            chk.log(f"latency: {label} {r['variant']:<8} r={r['r']:<6g} "
+            chk.log(f"latency: {r['model']} b{r['batch']} {r['backend']} {r['variant']:<8} "
+                    f"r={_f(r['r'], 'g'):<6} "
                     + (f"skipped ({r['skipped']})" if r["skipped"] else
-                       f"p50 {r['median_ms']:.3f} ms p90 {r['p90_ms']:.3f} "
-                       f"{r['throughput']:.0f} img/s speed-up {_f(r['speedup'], '.2f')} "
-                       f"ideal {_f(r['ideal_speedup'], '.2f')}"))
+                       f"p50 {r['median_ms']:.3f} ms {_f(r.get('throughput'), '.0f')} img/s "
+                       f"speed-up {_f(r.get('speedup'), '.2f')} "
+                       f"ideal {_f(r.get('ideal_speedup'), '.2f')}"))
         chk.write(plot_too=True)
-    built.clear()
     if any_skipped:
         rec["status"] = "partial"
 
@@ -225,124 +121,37 @@ def part_latency(chk: Any, rec: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- part 4: ONNX Runtime CUDA
 
 
-def ort_reason(provider: str) -> str:
-    """Why ONNX Runtime cannot run with ``provider`` here, or ""."""
-    from mame_export.runners import ort_availability
-
-    ok, reason = ort_availability(provider)
-    if ok:
-        return ""
-    if provider == "cuda":
-        try:
-            import onnxruntime as ort
-
-            provs = ort.get_available_providers()
-        except ImportError:
-            return "onnxruntime is not installed"
-        if "CUDAExecutionProvider" not in provs:
-            from mame_export.sidecar import versions
-
-            gpu_pkg = versions().get("onnxruntime-gpu")
-            why = ("onnxruntime-gpu not installed" if gpu_pkg is None else
-                   f"onnxruntime-gpu {gpu_pkg} is installed but its CUDA libraries did not load")
-            return f"CUDAExecutionProvider not available: {why} (providers: {', '.join(provs)})"
-    return reason
-
-
 def part_ort(chk: Any, rec: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    from mame_export.parity import check_parity
-    from mame_export.profile import (
-        Row,
-        add_speedups,
-        build_variant,
-        default_threads,
-        export_variant,
-        image_shape,
-        one_line,
-        random_input_sets,
-        time_rows,
-        unpatched_macs,
-    )
-    from mame_export.runners import TimedStep, deactivating
-    from mame_export.runners.factory import make_runner
-
+    """The unmerged and MaMe graphs timed in turns on ONNX Runtime CUDA (``onnxrt`` on the
+    CPU in a dry run); their parity is the parity part's, for the same runner."""
     cfg = chk.cfg
-    provider = cfg.ort_provider
-    backend = "onnxrt-cuda" if provider == "cuda" else "onnxrt"
-    rec.update(provider=provider, backend=backend, model=cfg.ort_model, batch=cfg.ort_batch,
-               precision="fp32")
+    backend = cfg.ort_backend
+    rec.update(provider="cuda" if backend == "onnxrt-cuda" else "cpu", backend=backend,
+               model=cfg.ort_model, batch=cfg.ort_batch, precision="fp32")
     if cfg.dry_run:
         rec["stand_in"] = "dry run: the CPU execution provider stands in for CUDA"
-    reason = ort_reason(provider)
-    if reason:
-        rec.update(status="skipped", reason=reason)
-        chk.log(f"ort: skipped ({reason})")
+    call = chk.cli(profile_args(cfg, cfg.ort_model, (), [PARITY_R], (backend,),
+                                (cfg.ort_batch,), ("baseline", "mame"), "fp32"),
+                   min_s=20, cap_s=cfg.cap_s, reserve_s=0.0)
+    rec["call"] = call.record()
+    parity = [i for i in chk.doc["parts"]["parity"].get("results", [])
+              if i.get("runner") == backend]
+    rec["parity"] = parity
+    rec["parity_passed"] = bool(parity) and all(i["status"] == "passed" for i in parity)
+    if call.data is None:
+        rec.update(status="skipped" if call.skipped else "error",
+                   reason=call.skipped or call.error)
+        chk.log(f"ort: {rec['status']} ({rec['reason']})")
         return
-    base, desc = build(cfg.ort_model, cfg.dry_run, chk.models)
-    shape = image_shape(base)
-    macs0 = unpatched_macs(base)
-    rec.update(model_desc=desc, exports=[], parity=[], rows=[])
-    threads = torch.get_num_threads() if cfg.dry_run else default_threads()
-    with tempfile.TemporaryDirectory(prefix="gpu-check-onnx-") as wd:
-        graphs: list[tuple[Any, Path]] = []
-        for name, r in (("baseline", 0.0), ("mame", PARITY_R)):
-            var = build_variant(base, name, r, macs0)  # fresh fp32 copies on the CPU
-            t0 = time.monotonic()
-            info = export_variant(var, cfg.ort_batch, shape, torch.float32, Path(wd))
-            ex = {"variant": name, "r": r, "seconds": round(time.monotonic() - t0, 2),
-                  "error": info.error, "forbidden_ops": info.forbidden}
-            if info.path is not None:
-                ex["bytes"] = info.path.stat().st_size
-                graphs.append((var, info.path))
-            rec["exports"].append(ex)
-            chk.log(f"ort: exported {name} r={r:g} b{cfg.ort_batch} in {ex['seconds']:.1f} s"
-                    + (f" ({info.error})" if info.error else ""))
-            chk.write()
-
-        def feeds(rng: np.random.Generator) -> dict[str, np.ndarray]:
-            return {"pixels": rng.standard_normal((cfg.ort_batch, *shape)).astype(np.float32)}
-
-        ok_all = True
-        for var, path in graphs:
-            ref = make_runner("torch", model=copy.deepcopy(var.model), label="torch-cpu-fp32")
-            cand = make_runner(backend, onnx_path=path, threads=threads)
-            rep = check_parity(ref, [cand], feeds, precision="fp32", batches=2, seed=0)
-            cand.deactivate()
-            d = rep.to_dict()
-            d["variant"], d["r"] = var.name, var.r
-            rec["parity"].append(d)
-            ok_all &= rep.passed
-            chk.log(f"ort: parity {var.name}: {'passed' if rep.passed else 'FAILED'} "
-                    f"(max_abs {_f(rep.max_abs_diff, '.3g')})")
-            chk.write()
-        arrays = random_input_sets(cfg.ort_batch, shape, cfg.timing.input_sets, seed=7)
-        rows: list[Any] = []
-        steps: dict[int, TimedStep] = {}
-        with deactivating([]) as runners:
-            for var, path in graphs:
-                row = Row(cfg.ort_model, var.name, backend, cfg.ort_batch, var.r, "fp32",
-                          flops_ratio=var.flops_ratio, gmacs=var.gmacs,
-                          final_tokens=var.final_tokens, exports=True)
-                rows.append(row)
-                try:  # the sessions take turns: idle ones must not spin
-                    runners.append(make_runner(backend, onnx_path=path, threads=threads,
-                                               spinning=False))
-                    steps[len(rows) - 1] = runners[-1].prepare_timing(
-                        [{"pixels": a} for a in arrays])
-                except Exception as e:  # noqa: BLE001 - recorded per row
-                    row.skipped = f"failed: {one_line(e)}"
-            chk.log(f"ort: timing {len(steps)} graph(s) in turns on {backend} ...")
-            time_rows(rows, steps, cfg.timing)
-        add_speedups(rows)
-        for d in row_dicts(rows, [{"r_target": "unmerged" if rw.variant == "baseline" else
-                                   f"r={rw.r:g}"} for rw in rows]):
-            rec["rows"].append(d)
-            chk.log(f"ort: {d['variant']} r={d['r']:g}: "
-                    + (f"skipped ({d['skipped']})" if d["skipped"] else
-                       f"p50 {d['median_ms']:.3f} ms, {d['throughput']:.0f} img/s"))
-    rec["parity_passed"] = ok_all
-    if not ok_all or len(graphs) < 2:
+    rows = rows_with_targets(call.data.get("results", []), None)
+    rec["rows"] = rows
+    rec["exports"] = [{"variant": r["variant"], "r": r["r"], "exports": r.get("exports"),
+                       "forbidden_ops": r.get("forbidden_ops")} for r in rows]
+    for d in rows:
+        chk.log(f"ort: {d['variant']} r={_f(d['r'], 'g')}: "
+                + (f"skipped ({d['skipped']})" if d["skipped"] else
+                   f"p50 {d['median_ms']:.3f} ms, {_f(d.get('throughput'), '.0f')} img/s"))
+    if rows and all(r["skipped"] for r in rows):
+        rec.update(status="skipped", reason=sorted({r["skipped"] for r in rows})[0])
+    elif not rec["parity_passed"] or any(r["skipped"] for r in rows):
         rec["status"] = "failed"

@@ -1,4 +1,5 @@
-"""tools/gpu_check.py, parts 1 and 2 (environment, parity) and the models every part uses.
+"""tools/gpu_check.py: what it runs (the real run's and the dry run's settings) and part 1,
+the environment.
 
 Imported by ``tools/gpu_check.py`` only; nothing heavy (torch, mame_export) is imported
 at module level, so the tool's clock starts before the heavy imports.
@@ -7,12 +8,12 @@ at module level, so the tool's clock starts before the heavy imports.
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime as dt
-import math
+import os
 import platform
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,88 +21,92 @@ REPO = Path(__file__).resolve().parents[1]
 HALF_MACS = 0.5  # target MACs ratio of the "MACs halve" variants
 PARITY_R = 0.5
 
-# Dry-run stand-ins for the registry aliases: tiny timm ViTs (img 32, patch 4: 64 patches).
-_TINY = {
-    "vit_b": {"embed_dim": 32, "depth": 4, "num_heads": 2},
-    "vit_l": {"embed_dim": 48, "depth": 6, "num_heads": 3},
-}
+
+@dataclass(frozen=True)
+class LatencyGroup:
+    """One ``mame-export profile`` call: its variants timed in turns per (backend, batch)."""
+
+    model: str
+    batches: tuple[int, ...]
+    backends: tuple[str, ...]  # "torch", "torch-compile"
+    targets: tuple[str, ...]  # "0.5" (an r) or "half" (the r where MACs halve)
+    variants: tuple[str, ...] = ("baseline", "mame", "tome")
+    flags: tuple[str, ...] = ()  # e.g. ("--llava",)
+    min_s: float = 40.0  # skipped when less time than this is left
+    cap_s: float = 120.0  # stopped when it runs longer
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.model, *self.flags, "b" + ",".join(map(str, self.batches)),
+                         ",".join(self.backends)])
 
 
-def build(name: str, dry_run: bool, cache: dict[str, Any]) -> tuple[Any, str]:
-    """(model, description): fp32, eval, on the CPU; random weights from a fixed seed.
+@dataclass(frozen=True)
+class Config:
+    dry_run: bool
+    device: str
+    precision: str  # latency precision
+    parity_model: str
+    parity_batch: int
+    parity_batches: int
+    parity_precisions: tuple[str, ...]
+    groups: tuple[LatencyGroup, ...]
+    timing: dict[str, float]  # the profile command's timing flags
+    ort_backend: str  # "onnxrt-cuda", or "onnxrt" standing in for it (dry run)
+    ort_model: str
+    ort_batch: int
+    threads: int | None  # --threads of the profile command (None: all)
+    compile_backend: str  # what torch.compile compiles with
+    cap_s: float  # stop a parity, plan or ort call after this long
+    ort_reserve_s: float  # budget kept for the ort part while it can run
+    ort_skip_s: float = 20.0  # kept instead where it cannot: the command only says why
 
-    The real run uses the project's registry (``mame_export.families``); the dry run a tiny
-    timm VisionTransformer of the same class. Cached: callers deep-copy, never modify.
-    """
-    if name not in cache:
-        import torch
-
-        if dry_run:
-            from timm.models.vision_transformer import VisionTransformer
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = VisionTransformer(img_size=32, patch_size=4, num_classes=10,
-                                          **_TINY[name]).eval()
-            desc = f"tiny timm ViT standing in for {name} (img 32, patch 4, {_TINY[name]})"
-        else:
-            from mame_export.families import build_model, resolve
-
-            spec = resolve(name)
-            model, source = build_model(spec, weights="random")
-            desc = f"{name} = {spec.source_name}, weights: {source}"
-        cache[name] = (model, desc)
-    return cache[name]
+    def timing_flags(self) -> list[str]:
+        flags = [f"--{k.replace('_', '-')}={v:g}" for k, v in self.timing.items()]
+        return flags + ([] if self.threads is None else [f"--threads={self.threads}"])
 
 
-def macs_ratio_at(patched: Any, r: float) -> float:
-    import mame_export
-
-    return float(mame_export.merge_plan(mame_export.apply(patched, r=r)).flops_ratio)
-
-
-def solve_r_for_macs(base: Any, target: float = HALF_MACS) -> tuple[float, float, str]:
-    """(r, MACs ratio at r, solver): the smallest r whose MaMe plan has MACs ratio <=
-    ``target``, on a copy of ``base``.
-
-    The project's ``mame_export.patch.solve_r`` where it exists, else a bisection over r
-    on one patched copy (``apply`` re-patches in place; the plan's ratio falls as r
-    grows, in steps where the rounded token counts change), rounded up to 3 decimals.
-    """
-    patched = copy.deepcopy(base)
-    try:
-        from mame_export.patch import solve_r
-    except ImportError:
-        solve_r = None
-    if solve_r is not None:
-        r = float(solve_r(patched, target))
-        return r, macs_ratio_at(patched, r), "mame_export.patch.solve_r"
-    r_max = 0.99
-    if macs_ratio_at(patched, r_max) > target:
-        raise ValueError(f"MACs ratio {target} is not reached below r={r_max}")
-    lo, hi = 0.0, r_max
-    while hi - lo > 1e-5:
-        mid = 0.5 * (lo + hi)
-        if macs_ratio_at(patched, mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    r = min(math.ceil(hi * 1000) / 1000, r_max)
-    while macs_ratio_at(patched, r) > target and r < r_max:  # pragma: no cover - rounding
-        r = round(r + 0.001, 3)
-    return r, macs_ratio_at(patched, r), "bisection in tools/gpu_check.py"
+def make_config(dry_run: bool) -> Config:
+    if dry_run:
+        llava = ("--llava",)
+        small = {"min_s": 20.0, "cap_s": 240.0}  # a shared CPU can be slow: generous caps
+        groups = (
+            LatencyGroup("vit_b", (4, 1), ("torch",), ("0.5", "half"), **small),
+            LatencyGroup("clip_l336", (2,), ("torch",), ("0.5",), ("baseline", "mame"), llava,
+                         **small),
+            LatencyGroup("clip_l336", (2,), ("torch-compile",), ("0.5",), ("baseline", "mame"),
+                         llava, **small),
+            LatencyGroup("vit_l", (2,), ("torch",), ("half",), **small),
+        )
+        timing = {"warmup": 1, "min_iters": 3, "max_iters": 5, "seconds": 0.05,
+                  "input_sets": 2}
+        # fp32: PyTorch's fp16 CPU kernels make even tiny models slow.
+        return Config(True, "cpu", "fp32", "vit_b", 2, 2, ("fp32", "fp16"), groups, timing,
+                      "onnxrt", "vit_b", 2, threads=1, compile_backend="aot_eager",
+                      cap_s=240.0, ort_reserve_s=30.0)
+    llava = ("--llava",)
+    groups = (
+        LatencyGroup("vit_b", (256, 1), ("torch",), ("0.5", "half")),
+        # issue 23: LLaVA-1.5's encoder at batch 64; eager first, so a compile that runs
+        # past its cap loses no eager row
+        LatencyGroup("clip_l336", (64,), ("torch",), ("0.5",), ("baseline", "mame"), llava),
+        LatencyGroup("clip_l336", (64,), ("torch-compile",), ("0.5",), ("baseline", "mame"),
+                     llava, min_s=90, cap_s=240),
+        LatencyGroup("vit_l", (128,), ("torch",), ("half",), cap_s=90),
+        LatencyGroup("vit_b", (256,), ("torch-compile",), ("0.5",), ("baseline", "mame"),
+                     min_s=60, cap_s=150),
+    )
+    timing = {"warmup": 5, "min_iters": 20, "max_iters": 2000, "seconds": 1.5, "input_sets": 3}
+    return Config(False, "cuda", "fp16", "vit_b", 8, 3, ("fp32", "fp16"), groups, timing,
+                  "onnxrt-cuda", "vit_b", 32, threads=None, compile_backend="inductor",
+                  cap_s=120.0, ort_reserve_s=60.0)
 
 
-def free_cuda() -> None:
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+def one_line(e: BaseException | str) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, BaseException):
+        return f"{type(e).__name__}: {text[:240]}" if text else type(e).__name__
+    return text[:240]
 
 
 # ---------------------------------------------------------------- part 1: environment
@@ -117,17 +122,31 @@ def _run_cmd(cmd: list[str], timeout: float = 15.0) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _cpu_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def part_env(chk: Any, rec: dict[str, Any]) -> None:
     import torch
 
-    from mame_export.profile import cpu_name, default_threads, one_line
     from mame_export.sidecar import versions
 
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_threads": default_threads(),
+        "cpu": _cpu_name(),
+        "cpu_threads": _cpu_threads(),
         "utc_date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": chk.doc["command"],
         "packages": versions(),
@@ -164,16 +183,8 @@ def part_env(chk: Any, rec: dict[str, Any]) -> None:
     try:
         import onnxruntime as ort
 
-        preload = "absent"
-        if hasattr(ort, "preload_dlls"):
-            try:
-                ort.preload_dlls()
-                preload = "ok"
-            except Exception as e:  # noqa: BLE001 - recorded
-                preload = f"failed: {one_line(e)}"
         env["onnxruntime"] = {"version": ort.__version__, "device": ort.get_device(),
-                              "providers": ort.get_available_providers(),
-                              "preload_dlls": preload}
+                              "providers": ort.get_available_providers()}
     except ImportError as e:
         env["onnxruntime"] = {"error": one_line(e)}
     try:
@@ -187,3 +198,12 @@ def part_env(chk: Any, rec: dict[str, Any]) -> None:
     chk.log(f"env: {gpu}, driver {env['driver_version']}, torch {torch.__version__} "
             f"(CUDA {torch.version.cuda}), ORT providers "
             f"{env['onnxruntime'].get('providers')}")
+
+
+def ort_can_run(backend: str) -> bool:
+    """Whether ONNX Runtime has the provider ``backend`` needs, asked without mame_export."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return backend != "onnxrt-cuda" or "CUDAExecutionProvider" in ort.get_available_providers()

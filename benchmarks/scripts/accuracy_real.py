@@ -21,7 +21,7 @@ refinement), data-selected sources with cosine similarity and several weight
 rules, and targets that include the kept candidates. They run through the same
 patch with its merge step swapped.
 
-    python tools/accuracy_real.py --weights W/dinov2_s14_224.safetensors \\
+    python benchmarks/scripts/accuracy_real.py --weights W/dinov2_s14_224.safetensors \\
         --images FOOLBOX/data/imagenet_*.jpg --package-photos --study
 
 Writes ``benchmarks/results/accuracy_dinov2_cpu.json`` (command, versions, images,
@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file: benchmarks/scripts/)
 sys.path.insert(0, str(ROOT))
 
 from mame_export import evaluate as ev  # noqa: E402
@@ -277,7 +277,8 @@ def main() -> int:
                                    layers=None, prop_attn=True, mode="static")
                 record(f"{name} r={r:g}", "study", r, m, m._mame_plan.to_dict(), step)
     result = {
-        "command": shlex.join(["python", "tools/accuracy_real.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/scripts/accuracy_real.py",
+                               *sys.argv[1:]]),
         "model": MODEL, "weights": args.weights.name, "cpu": cpu_name(),
         "threads": args.threads, "load_avg": os.getloadavg(), "versions": versions(),
         "photos": [p.name for p in paths], "views_per_photo": args.views,

@@ -2,7 +2,7 @@
 optimizer (constant folding, dead-node removal, common-subexpression elimination) and
 compare node counts, file size and ONNX Runtime CPU latency, interleaved in one run.
 
-    python tools/bench_simplify.py --model vit_s --r 0.5 --batch 8
+    python benchmarks/scripts/bench_simplify.py --model vit_s --r 0.5 --batch 8
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,12 +18,15 @@ import numpy as np
 import onnx
 import torch
 
-from mame_export import apply
-from mame_export.artifacts import atomic_write_text
-from mame_export.audit import op_census
-from mame_export.families import build_model, resolve
-from mame_export.profile import TimingSettings, measure_interleaved, results_header
-from mame_export.runners.factory import make_runner
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file: benchmarks/scripts/)
+sys.path.insert(0, str(ROOT))
+
+from mame_export import apply  # noqa: E402
+from mame_export.artifacts import atomic_write_text  # noqa: E402
+from mame_export.audit import op_census  # noqa: E402
+from mame_export.families import build_model, resolve  # noqa: E402
+from mame_export.profile import TimingSettings, measure_interleaved, results_header  # noqa: E402
+from mame_export.runners.factory import make_runner  # noqa: E402
 
 
 def export(model: torch.nn.Module, x: torch.Tensor, path: Path, optimize: bool) -> None:
@@ -32,12 +36,13 @@ def export(model: torch.nn.Module, x: torch.Tensor, path: Path, optimize: bool) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit_s")
     ap.add_argument("--r", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--out", default="benchmarks/results/simplify_cpu.json")
+    ap.add_argument("--out", type=Path, 
+                    default=ROOT / "benchmarks" / "results" / "simplify_cpu.json")
     args = ap.parse_args()
 
     spec = resolve(args.model)

@@ -1,8 +1,8 @@
 """MaMe+MaRe vs ToMe-SD (tomesd 0.1.3) on the SD 2.1 UNet, same ratio r, CPU.
 
-    python tools/compare_tomesd.py                       # latent 32, batch 1, 2-4 min on 2 cores
-    python tools/compare_tomesd.py --latent 96 --reps 5  # on a quiet machine
-    python tools/compare_tomesd.py --device cuda --dtype fp16 --latent 96 --batch 2 \
+    python benchmarks/scripts/compare_tomesd.py      # latent 32, batch 1, 2-4 min on 2 cores
+    python benchmarks/scripts/compare_tomesd.py --latent 96 --reps 5   # on a quiet machine
+    python benchmarks/scripts/compare_tomesd.py --device cuda --dtype fp16 --latent 96 --batch 2 \
         --compile --reps 20 --skip-export               # per-step GPU latency (untested here)
 
 Three questions, answered on fixed seeded inputs with random weights:
@@ -24,7 +24,7 @@ Three questions, answered on fixed seeded inputs with random weights:
 Writes ``benchmarks/results/sd_unet_tomesd_cpu.json`` (``..._gpu.json`` with
 ``--device cuda``) with the command, versions and CPU.
 Random weights: the drift numbers say how much each method perturbs the UNet's
-computation, not how images look (see tools/sd_generate_compare.py for that).
+computation, not how images look (see benchmarks/scripts/sd_generate_compare.py for that).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import Any
 try:
     import mame_export  # noqa: F401
 except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 import torch
@@ -69,7 +69,8 @@ from mame_export.families.sd_unet.model import (  # noqa: E402
 from mame_export.profile import cpu_name  # noqa: E402
 from mame_export.sidecar import versions  # noqa: E402
 
-DEFAULT_OUT = Path("benchmarks/results/sd_unet_tomesd_cpu.json")
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # benchmarks/results, beside us
+DEFAULT_OUT = RESULTS / "sd_unet_tomesd_cpu.json"
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,6 +1,6 @@
 """Full-size SD 2.1 UNet (random weights) with MaMe+MaRe: export, audit, ORT CPU parity.
 
-    /usr/bin/time -v python tools/sd21_export_check.py            # r=0.5, latent 96, batch 2
+    /usr/bin/time -v python benchmarks/scripts/sd21_export_check.py   # r=0.5, latent 96, batch 2
 
 Steps, each timed, with the process's peak resident memory after each:
 build the UNet (865 M parameters, fp32) and patch it; run eager PyTorch once
@@ -32,7 +32,7 @@ from typing import Any
 try:
     import mame_export  # noqa: F401
 except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 import torch
@@ -54,7 +54,8 @@ from mame_export.patch import DEFAULT_TAU
 from mame_export.profile import cpu_name
 from mame_export.sidecar import versions
 
-DEFAULT_OUT = Path("benchmarks/results/sd21_unet_export_cpu.json")
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # benchmarks/results, beside us
+DEFAULT_OUT = RESULTS / "sd21_unet_export_cpu.json"
 
 
 def peak_rss_gib() -> float:

@@ -12,8 +12,8 @@ project's interleaved timer), per block:
 - ``attention``: the self-attention (q, k, v, out projections and SDPA) on the
   merged sequence, for scale: the work the merge exists to cut.
 
-    python tools/bench_unet_selection.py                 # the recorded run
-    python tools/bench_unet_selection.py --side 32 --seconds 1 --out /tmp/x.json
+    python benchmarks/scripts/bench_unet_selection.py                 # the recorded run
+    python benchmarks/scripts/bench_unet_selection.py --side 32 --seconds 1 --out /tmp/x.json
 
 Writes ``benchmarks/results/unet_selection_cpu.json`` (command, versions, CPU,
 raw per-iteration milliseconds, medians).
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file: benchmarks/scripts/)
 sys.path.insert(0, str(ROOT))
 
 from mame_export.artifacts import atomic_write_text  # noqa: E402

@@ -2,33 +2,38 @@
 fp16 twice (LayerNorms in fp16, LayerNorms kept in fp32) and compare both through ONNX
 Runtime CPU on the same fresh random inputs.
 
-    python tools/compare_fp16_choices.py --model vit_s --r 0.5 --batch 8
+    python benchmarks/scripts/compare_fp16_choices.py --model vit_s --r 0.5 --batch 8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from mame_export import apply
-from mame_export.artifacts import atomic_write_text
-from mame_export.export import export_onnx, reduced_precision_copy
-from mame_export.families import build_model, resolve
-from mame_export.parity import TOLERANCES, compare_outputs
-from mame_export.profile import results_header
-from mame_export.runners.factory import make_runner
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file: benchmarks/scripts/)
+sys.path.insert(0, str(ROOT))
+
+from mame_export import apply  # noqa: E402
+from mame_export.artifacts import atomic_write_text  # noqa: E402
+from mame_export.export import export_onnx, reduced_precision_copy  # noqa: E402
+from mame_export.families import build_model, resolve  # noqa: E402
+from mame_export.parity import TOLERANCES, compare_outputs  # noqa: E402
+from mame_export.profile import results_header  # noqa: E402
+from mame_export.runners.factory import make_runner  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit_s")
     ap.add_argument("--r", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--out", default="benchmarks/results/fp16_choices_cpu.json")
+    ap.add_argument("--out", type=Path, 
+                    default=ROOT / "benchmarks" / "results" / "fp16_choices_cpu.json")
     args = ap.parse_args()
     spec = resolve(args.model)
     model, source = build_model(spec, "random")

@@ -2,7 +2,7 @@
 the command line, then ONNX Runtime CPU latency of the merged graph against the
 unmerged one, timed in turns.
 
-    python tools/hf_fullsize_check.py                  # clip_l336 --llava and videomae_l
+    python benchmarks/scripts/hf_fullsize_check.py     # clip_l336 --llava and videomae_l
 
 For each model: ``mame-export MODEL --r R`` and ``--r 0`` (the unmerged graph of the
 same encoder) with ``--json``: wall time, peak memory of the child, graph size and
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file: benchmarks/scripts/)
 sys.path.insert(0, str(ROOT))
 
 from mame_export.artifacts import atomic_write_text  # noqa: E402

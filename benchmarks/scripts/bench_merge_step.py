@@ -17,8 +17,9 @@ Timings are medians of many repeats after warm-up. Results go to
 ``benchmarks/results/merge_step_cpu.json`` together with the command, versions, CPU,
 thread count and load average (the machine may be shared: read them with that in mind).
 
-    python tools/bench_merge_step.py            # the recorded run
-    python tools/bench_merge_step.py --depth 2 --repeats 3 --full-repeats 1 --out /tmp/x.json
+    python benchmarks/scripts/bench_merge_step.py            # the recorded run
+    python benchmarks/scripts/bench_merge_step.py --depth 2 --repeats 3 --full-repeats 1 \\
+        --out /tmp/x.json
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file: benchmarks/scripts/)
 sys.path.insert(0, str(ROOT))
 
 import mame_export  # noqa: E402
@@ -203,7 +204,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=15, help="block and step timings")
     ap.add_argument("--full-repeats", type=int, default=4, help="whole-model timings")
     ap.add_argument("--no-export", action="store_true", help="skip the ONNX export check")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/merge_step_cpu.json")
+    ap.add_argument("--out", type=Path,
+                    default=ROOT / "benchmarks" / "results" / "merge_step_cpu.json")
     args = ap.parse_args()
 
     t0 = time.perf_counter()

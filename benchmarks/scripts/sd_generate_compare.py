@@ -6,7 +6,7 @@ Needs a local Stable Diffusion 2.1 diffusers folder (``model_index.json``,
 method; each method's patch is applied for its run only and removed after,
 so runs cannot leak into each other.
 
-    python tools/sd_generate_compare.py --model-dir ~/models/stable-diffusion-2-1 \\
+    python benchmarks/scripts/sd_generate_compare.py --model-dir ~/models/stable-diffusion-2-1 \\
         --prompt "a photo of an astronaut riding a horse" --r 0.5 --device cuda --dtype fp16
 
 Writes ``<out>.png`` (labelled side by side) and ``<out>.json`` (timings, settings).
@@ -28,7 +28,7 @@ import numpy as np
 try:
     import mame_export  # noqa: F401
 except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 METHODS = ("baseline", "tomesd", "mame")
 _PIPELINE_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -227,7 +227,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32", "bf16"))
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per method first")
-    p.add_argument("--out", default="benchmarks/results/sd_generate_compare")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"
+                                         / "sd_generate_compare"))
     return p.parse_args(argv)
 
 
