@@ -1,33 +1,39 @@
-"""`mame-export profile MODEL --r R[,R...]`: latency of baseline / MaMe / ToMe per backend."""
+"""`mame-export profile MODEL --r R[,R...]`: latency of the unpatched model, MaMe and the
+family's ToMe per backend, given graphs beside them, and the published page."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from mame_export.cli.common import add_model_command, float_list, int_list, name_list
+from mame_export.cli.common import add_model_command, float_list, int_list, name_list, parse_layers
 from mame_export.errors import UserError
 
 if TYPE_CHECKING:  # mame_export.profile imports torch: it loads when the command runs
+    from mame_export.families import ModelSpec
     from mame_export.profile import TimingSettings
 
 DEFAULT_BACKENDS = "torch,onnxrt"
+NOTHING_TIMED = 1  # exit status of a run whose every row was skipped
 
 
-SUMMARY = "latency of the unpatched model, MaMe and ToMe per backend (table, JSON, plot)"
+SUMMARY = "latency of the unpatched model, MaMe and ToMe per backend (table, JSON, page, plot)"
 DESCRIPTION = (
-    "Times the unpatched model (baseline), MaMe at each r and ToMe with the same tokens per "
-    "block, on each backend, in one run. A backend that cannot run here is a row with a skip "
-    "reason.")
+    "Times the unpatched model (baseline), MaMe at each r and the family's ToMe (timm ViTs: "
+    "ToMe with the same tokens per block; the SD UNet: ToMe-SD at the same r), and any "
+    "--graph, on each backend, in one run. A backend that cannot run here is a row with a "
+    f"skip reason; a run where every row is skipped exits {NOTHING_TIMED}.")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = add_model_command(sub, "profile", SUMMARY, DESCRIPTION,
-                          model_help="alias (vit_t, vit_s, vit_b, ...) or a timm name")
+                          model_help="a registry alias (vit_b, sd21-unet, clip_l336, ...) or "
+                                     "a timm name")
     p.add_argument("--r", type=float_list, required=True, metavar="R[,R...]",
                    help="MaMe ratios in [0, 1), comma-separated")
     p.add_argument("--backends", type=name_list, default=name_list(DEFAULT_BACKENDS),
@@ -36,8 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"(default {DEFAULT_BACKENDS})")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="device for the torch backends (default cpu)")
-    p.add_argument("--batch", type=int_list, default=[1], metavar="N[,N...]",
-                   help="batch sizes (default 1)")
+    p.add_argument("--batch", type=int_list, default=None, metavar="N[,N...]",
+                   help="batch sizes, 1 to 4096 (default: the model's, 1; 2 for sd21-unet)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch and ONNX Runtime (default: all available)")
@@ -45,25 +51,42 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="random",
                    help="random (default; latency does not depend on weight values), auto, "
                         "or a checkpoint PATH")
-    p.add_argument("--variants", type=name_list, default=["baseline", "mame", "tome"],
-                   metavar="V[,V...]", help="baseline, mame, tome (default: all)")
+    p.add_argument("--llava", action="store_true",
+                   help="LLaVA's encoder output: image features and token sizes (clip_l336)")
+    p.add_argument("--tau", type=float, default=None, help="MaMe's tau, in [-1, 1]")
+    p.add_argument("--layers", type=parse_layers, default=None,
+                   help="blocks that merge, e.g. 0-7 (MaMe and ToMe; default the family's)")
+    p.add_argument("--no-prop-attn", dest="prop_attn", action="store_false",
+                   help="turn off proportional attention (MaMe and ToMe)")
+    p.add_argument("--variants", type=name_list, default=None, metavar="V[,V...]",
+                   help="baseline, mame, tome (timm ViTs), tomesd (sd21-unet) (default: all "
+                        "that apply to the model)")
+    p.add_argument("--graph", action="append", default=[], metavar="NAME=PATH",
+                   help="also time this exported ONNX graph on the graph backends (repeatable; "
+                        "its inputs must be the model's at each batch)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 5)")
     p.add_argument("--min-iters", type=int, default=None,
-                   help="timed iterations at least (default 30)")
+                   help="timed iterations at least (default 30, or --max-iters if lower)")
     p.add_argument("--max-iters", type=int, default=None,
                    help="timed iterations at most (default 5000)")
     p.add_argument("--seconds", type=float, default=None,
-                   help="time budget per row in seconds (default 10)")
+                   help="time budget per row in seconds, > 0 (default 10)")
     p.add_argument("--input-sets", type=int, default=None,
-                   help="random input sets rotated (default 4)")
+                   help="random input sets rotated, 2 to 64 (default 4)")
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON object on stdout (logs go to stderr)")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot to PATH")
+    p.add_argument("--markdown", default=None, metavar="PAGE.md",
+                   help="write the published page (summary, every row) to PAGE.md and its raw "
+                        "results to PAGE.json")
+    p.add_argument("--append", action="store_true",
+                   help="with --markdown: merge into the existing PAGE.json, keeping its rows "
+                        "of the (model, backend, batch) groups this run does not measure")
     p.set_defaults(run=run)
 
 
-def check_plot_path(path: str) -> None:
-    """Refuse, before any timing, a --plot PATH that cannot be written (or matplotlib
+def check_plot_path(path: str, flag: str = "--plot", needs_matplotlib: bool = True) -> None:
+    """Refuse, before any timing, an output PATH that cannot be written (or matplotlib
     missing): the run takes minutes and its table must not be lost at the end."""
     import importlib.util
 
@@ -71,81 +94,137 @@ def check_plot_path(path: str) -> None:
 
     p = Path(path)
     if os.path.isdir(p):
-        raise UserError(f"--plot {path} is a folder; give a file path, e.g. latency.png")
+        raise UserError(f"{flag} {path} is a folder; give a file path")
     if os.path.exists(p) and not os.access(p, os.W_OK):
-        raise UserError(f"--plot {path} cannot be replaced (permission denied)")
+        raise UserError(f"{flag} {path} cannot be replaced (permission denied)")
     try:
         check_out_dir(p.parent if str(p.parent) else Path("."))
     except UserError as e:
-        raise UserError(f"--plot {path}: {e}") from None
-    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError(f"{flag} {path}: {e}") from None
+    if needs_matplotlib and importlib.util.find_spec("matplotlib") is None:
         raise UserError("--plot needs matplotlib: pip install 'mame-export[plot]'")
 
 
 def timing_settings(args: argparse.Namespace) -> TimingSettings:
+    """The timing flags, each checked (mame_export.settings), as TimingSettings."""
     from mame_export.profile import TimingSettings
+    from mame_export.settings import (
+        check_input_sets,
+        check_profile_iters,
+        check_profile_seconds,
+        check_warmup,
+    )
 
     d = TimingSettings()
-    min_iters = d.min_iters if args.min_iters is None else args.min_iters
+    min_iters, max_iters = check_profile_iters(args.min_iters, args.max_iters, d.min_iters,
+                                               d.max_iters)
     return TimingSettings(
-        warmup_iters=d.warmup_iters if args.warmup is None else args.warmup,
+        warmup_iters=d.warmup_iters if args.warmup is None else check_warmup(args.warmup),
         warmup_s=d.warmup_s,
         min_iters=min_iters,
-        max_iters=(max(d.max_iters, min_iters) if args.max_iters is None else args.max_iters),
-        budget_s=d.budget_s if args.seconds is None else args.seconds,
-        input_sets=d.input_sets if args.input_sets is None else args.input_sets,
+        max_iters=max_iters,
+        budget_s=d.budget_s if args.seconds is None else check_profile_seconds(args.seconds),
+        input_sets=d.input_sets if args.input_sets is None else check_input_sets(args.input_sets),
     )
 
 
-def command_line(args: argparse.Namespace) -> str:
+def checked_spec(args: argparse.Namespace) -> ModelSpec:
+    """The model's spec (``--llava`` applied), its structure and input size checked the way
+    export checks them, before anything is built. The one place profile calls preflight."""
+    from mame_export.families import resolve
+    from mame_export.job import preflight, request_spec
+    from mame_export.request import ExportRequest
+
+    req = ExportRequest(model=args.model, r=max(args.r), tau=args.tau, layers=args.layers,
+                        prop_attn=args.prop_attn, img_size=args.img_size, weights=args.weights,
+                        llava=args.llava)
+    spec = request_spec(req, resolve(args.model))
+    preflight(spec, req, export=False)
+    return spec
+
+
+def command_line(args: argparse.Namespace, spec: ModelSpec) -> str:
     """The canonical command that reproduces this run (recorded in the output)."""
     parts = ["mame-export", "profile", args.model, "--r", ",".join(f"{r:g}" for r in args.r),
              "--backends", ",".join(args.backends), "--device", args.device,
-             "--batch", ",".join(str(b) for b in args.batch), "--precision", args.precision]
+             "--batch", ",".join(str(b) for b in args.batch or [spec.default_batch]),
+             "--precision", args.precision]
     for flag, value in (("--threads", args.threads), ("--img-size", args.img_size),
-                        ("--warmup", args.warmup), ("--min-iters", args.min_iters),
-                        ("--max-iters", args.max_iters), ("--seconds", args.seconds),
-                        ("--input-sets", args.input_sets)):
+                        ("--tau", args.tau), ("--warmup", args.warmup),
+                        ("--min-iters", args.min_iters), ("--max-iters", args.max_iters),
+                        ("--seconds", args.seconds), ("--input-sets", args.input_sets)):
         if value is not None:
-            parts += [flag, str(value)]
+            parts += [flag, f"{value:g}"]
+    if args.layers is not None:
+        parts += ["--layers", ",".join(str(i) for i in args.layers)]
+    parts += ["--llava"] if args.llava else []
+    parts += [] if args.prop_attn else ["--no-prop-attn"]
     if args.weights != "random":
         parts += ["--weights", args.weights]
-    if args.variants != ["baseline", "mame", "tome"]:
+    if args.variants is not None:
         parts += ["--variants", ",".join(args.variants)]
+    for g in args.graph:
+        parts += ["--graph", g]
     return shlex.join(parts)
 
 
+def _old_results(args: argparse.Namespace, threads: int | None) -> dict[str, Any] | None:
+    """With --append: the existing PAGE.json, checked against this run before any timing."""
+    if not args.append:
+        return None
+    if not args.markdown:
+        raise UserError("--append needs --markdown PAGE.md (it merges into PAGE.json)")
+    from mame_export.profile import check_appendable, default_threads, device_name
+
+    path = Path(args.markdown).with_suffix(".json")
+    if not path.exists():
+        return None  # the first part of a page
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(old, dict) or not isinstance(old.get("results"), list):
+            raise ValueError("not a profile results file")
+        check_appendable(old, device_name(args.device), threads or default_threads())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--append: {path}: {e}") from None
+    return old
+
+
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from mame_export.cli import print_json
-    from mame_export.families import build_model, require, resolve
-    from mame_export.profile import check_request, format_table, plot, profile
+    from mame_export.profile import (
+        check_request,
+        format_table,
+        load_graph_variant,
+        parse_graph_arg,
+        plot,
+        profile_model,
+    )
+    from mame_export.settings import check_positive_size, check_tau, check_threads
 
-    check_request(args.r, args.backends, args.batch, args.precision, args.variants)
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be >= 1; got {args.threads}")
-    if args.img_size is not None and args.img_size < 1:
-        raise UserError(f"--img-size must be positive; got {args.img_size}")
+    check_request(args.r, args.backends, [1] if args.batch is None else args.batch,
+                  args.precision, ["baseline"] if args.variants is None else args.variants)
+    threads = check_threads(args.threads)
+    check_positive_size(args.img_size)
+    if args.tau is not None:
+        check_tau(args.tau)
+    settings = timing_settings(args)
+    graph_args = [parse_graph_arg(g) for g in args.graph]
     if args.plot:
         check_plot_path(args.plot)
-    spec = resolve(args.model)
-    require(spec, "profile", "profile supports image models")
-    torch.manual_seed(0)  # the same random weights in every run
-    model, source = build_model(spec, args.weights, args.img_size)
-    print(f"profiling {spec.alias} ({spec.source_name}, weights: {source})", file=sys.stderr)
-    report = profile(
-        model,
-        model_name=spec.alias,
-        rs=args.r,
-        backends=args.backends,
-        batches=args.batch,
-        device=args.device,
-        precision=args.precision,
-        threads=args.threads,
-        settings=timing_settings(args),
-        variants=args.variants,
-        command=command_line(args),
+    if args.markdown:
+        if Path(args.markdown).suffix != ".md":
+            raise UserError(f"--markdown takes a PAGE.md path (its results go to PAGE.json); "
+                            f"got {args.markdown}")
+        for path in (args.markdown, str(Path(args.markdown).with_suffix(".json"))):
+            check_plot_path(path, "--markdown", needs_matplotlib=False)
+    old = _old_results(args, threads)
+    spec = checked_spec(args)
+    graphs = [load_graph_variant(name, path) for name, path in graph_args]
+    report = profile_model(
+        spec, rs=args.r, weights=args.weights, img_size=args.img_size, variants=args.variants,
+        batches=args.batch, tau=args.tau, layers=args.layers, prop_attn=args.prop_attn,
+        graphs=graphs, backends=args.backends, device=args.device, precision=args.precision,
+        threads=threads, settings=settings, command=command_line(args, spec),
     )
     out = report.to_dict()
     if args.json:
@@ -155,12 +234,40 @@ def run(args: argparse.Namespace) -> int:
         print("versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()))
         print(f"command: {report.command}")
         print(format_table(out["results"]))
+    rows = out["results"]
+    if args.markdown:
+        rows = _write_page(Path(args.markdown), report, old)
     if args.plot:  # after the results are out: a failing plot loses nothing
         try:
-            path = plot(out["results"], args.plot,
-                        title=f"{spec.alias}, {report.device}, {args.precision}")
+            models = ", ".join(dict.fromkeys(r["model"] for r in rows))
+            path = plot(rows, args.plot, title=f"{models}, {report.device}, {args.precision}")
         except OSError as e:
             raise UserError(f"cannot write the plot {args.plot}: {e.strerror or e} (the "
                             "results above are complete)") from None
         print(f"wrote {path}", file=sys.stderr)
+    if all(r["skipped"] for r in out["results"]):
+        reasons = sorted({r["skipped"] for r in out["results"]})
+        print(f"mame-export: nothing was timed: every row was skipped ({'; '.join(reasons)})",
+              file=sys.stderr)
+        return NOTHING_TIMED
     return 0
+
+
+def _write_page(page: Path, report: Any, old: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Write PAGE.json (merged into ``old`` with --append) and PAGE.md; return the rows."""
+    from mame_export.artifacts import atomic_write_text
+    from mame_export.jsonsafe import json_safe
+    from mame_export.profile import markdown_page, merge_results, results_record
+
+    result = results_record([report])
+    if old is not None:
+        result = merge_results(old, result)
+    data = page.with_suffix(".json")
+    try:
+        atomic_write_text(data, json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(page, markdown_page(result))
+    except OSError as e:
+        raise UserError(f"cannot write {page}: {e.strerror or e} (the results above are "
+                        "complete)") from None
+    print(f"wrote {data} and {page}", file=sys.stderr)
+    return result["results"]

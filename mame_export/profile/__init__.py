@@ -1,10 +1,12 @@
-"""Latency of the unpatched model, MaMe and ToMe, per backend, in one run.
+"""Latency of the unpatched model, MaMe and the family's ToMe, per backend, in one run.
 
-Variants: ``baseline`` (unpatched), ``mame`` (each r) and ``tome`` (ToMe with the
-same tokens per block as MaMe at that r). Backends are runners
-(``mame_export.runners``): ``torch`` (eager), ``torch-compile``, ``onnxrt`` (CPU),
-``onnxrt-cuda`` and ``tensorrt``. A backend or variant that cannot run is a row with
-a ``skipped`` reason and no timings.
+Variants: ``baseline`` (unpatched), ``mame`` (each r), ``tome`` (ToMe with the same
+tokens per block as MaMe at that r; timm ViTs), ``tomesd`` (ToMe-SD at the same r; the
+Stable Diffusion UNet), and any exported graph given as ``--graph NAME=PATH`` (on the
+graph backends). Inputs and outputs are the family's (``Family.io_spec``). Backends are
+runners (``mame_export.runners``): ``torch`` (eager), ``torch-compile``, ``onnxrt``
+(CPU), ``onnxrt-cuda`` and ``tensorrt``. A backend or variant that cannot run is a row
+with a ``skipped`` reason and no timings.
 
 Method (see docs/profiling.md): the variants of one (backend, batch) are timed in
 turns, one call each per round, so drift of a shared machine hits them alike;
@@ -16,9 +18,27 @@ Speed-ups are ratios against the baseline on the same backend and batch, measure
 in the same run; the FLOPs-ideal speed-up is 1 / MACs ratio.
 
 Modules: ``timing`` (the shared interleaved timer), ``variants`` (what is compared),
-``run`` (one profile run), ``report`` (rows, tables, the published page), ``plots``.
+``graphs`` (given graphs, checked against the model's inputs), ``run`` (one profile
+run), ``models`` (a run from a model spec, any family), ``report`` (rows, tables),
+``pages`` (the published page, results measured in parts), ``plots``.
 """
 
+from mame_export.profile.graphs import (
+    GraphVariant,
+    check_graph_inputs,
+    load_graph_variant,
+    parse_graph_arg,
+)
+from mame_export.profile.models import check_variants, profile_model
+from mame_export.profile.pages import (
+    check_appendable,
+    group_key,
+    markdown_page,
+    merge_results,
+    results_record,
+    summary_markdown,
+    summary_rows,
+)
 from mame_export.profile.plots import plot, plot_throughput, save_png
 from mame_export.profile.report import (
     COLUMNS,
@@ -26,23 +46,18 @@ from mame_export.profile.report import (
     Row,
     add_speedups,
     cell,
-    check_appendable,
     cpu_name,
     device_name,
     format_markdown,
     format_table,
-    group_key,
-    markdown_page,
     markdown_table,
-    merge_results,
     one_line,
     results_header,
-    summary_markdown,
-    summary_rows,
     versions,
 )
 from mame_export.profile.run import (
     BACKENDS,
+    PROFILE_TMP_PREFIX,
     check_request,
     default_threads,
     pin_threads,
@@ -54,29 +69,31 @@ from mame_export.profile.timing import (
     QUICK,
     Stats,
     TimingSettings,
+    input_feeds,
     measure_interleaved,
-    random_input_sets,
     summarize,
     throughput,
 )
 from mame_export.profile.variants import (
     VARIANTS,
+    MergeSettings,
     Variant,
     build_variant,
     export_variant,
+    family_variants,
     forbidden_census,
-    image_shape,
-    unpatched_macs,
 )
 
 __all__ = [
-    "BACKENDS", "COLUMNS", "QUICK", "VARIANTS",
-    "ProfileReport", "Row", "Stats", "TimingSettings", "Variant", "add_speedups",
-    "build_variant", "cell", "check_appendable", "check_request", "cpu_name",
-    "default_threads", "device_name", "export_variant", "forbidden_census", "format_markdown",
-    "format_table", "group_key", "image_shape", "markdown_page", "markdown_table",
-    "measure_interleaved", "merge_results", "one_line", "pin_threads", "plot",
-    "plot_throughput", "profile", "random_input_sets", "results_header", "save_png",
-    "stderr_log", "summarize", "summary_markdown", "summary_rows", "throughput", "time_rows",
-    "unpatched_macs", "versions",
+    "BACKENDS", "COLUMNS", "PROFILE_TMP_PREFIX", "QUICK", "VARIANTS",
+    "GraphVariant", "MergeSettings", "ProfileReport", "Row", "Stats", "TimingSettings",
+    "Variant", "add_speedups", "build_variant", "cell", "check_appendable",
+    "check_graph_inputs", "check_request", "check_variants", "cpu_name", "default_threads",
+    "device_name", "export_variant", "family_variants", "forbidden_census", "format_markdown",
+    "format_table", "group_key", "input_feeds",
+    "load_graph_variant", "markdown_page", "markdown_table", "measure_interleaved",
+    "merge_results", "one_line", "parse_graph_arg", "pin_threads", "plot", "plot_throughput",
+    "profile", "profile_model", "results_header", "results_record",
+    "save_png", "stderr_log", "summarize", "summary_markdown", "summary_rows", "throughput",
+    "time_rows", "versions",
 ]

@@ -36,7 +36,8 @@ def save_png(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
 
 def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
     """PNG: median latency against r, one panel per (model, batch); per backend the
-    MaMe line, the FLOPs-ideal curve (baseline x MACs ratio) and the ToMe points."""
+    MaMe line, the FLOPs-ideal curve (baseline x MACs ratio) and the ToMe (ToMe-SD)
+    points. Rows of given graphs (``--graph``) are in the tables, not here."""
     plt = _pyplot()
     timed = [r for r in rows if r.get("median_ms") is not None]
     panels = sorted({(r["model"], r["batch"]) for r in rows})
@@ -51,7 +52,6 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "
                    and r["backend"] == b]
             base = [r for r in sel if r["variant"] == "baseline"]
             mame = sorted((r for r in sel if r["variant"] == "mame"), key=lambda r: r["r"])
-            tome = sorted((r for r in sel if r["variant"] == "tome"), key=lambda r: r["r"])
             c = colors[b]
             line = base + mame
             if line:
@@ -66,9 +66,12 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "
                 ideal.sort()
                 ax.plot([x for x, _ in ideal], [y for _, y in ideal], ":", color=c,
                         label=f"{b}: FLOPs-ideal")
-            if tome:
-                ax.plot([r["r"] for r in tome], [r["median_ms"] for r in tome], "x", color=c,
-                        markersize=9, mew=2, linestyle="none", label=f"{b}: ToMe")
+            for variant, marker, label in (("tome", "x", "ToMe"), ("tomesd", "+", "ToMe-SD")):
+                pts = sorted((r for r in sel if r["variant"] == variant), key=lambda r: r["r"])
+                if pts:
+                    ax.plot([r["r"] for r in pts], [r["median_ms"] for r in pts], marker,
+                            color=c, markersize=9, mew=2, linestyle="none",
+                            label=f"{b}: {label}")
         ax.set_title(f"{model}, batch {batch}")
         ax.set_xlabel("r (fraction of patch tokens merged)")
         ax.set_ylabel("median latency (ms)")

@@ -1,10 +1,9 @@
-"""Latency results as data and as pages: rows, the run's record, speed-ups, tables,
-the published summary, and the merge of results measured in parts."""
+"""Latency results as data: rows, the run's record, speed-ups, where it ran, and tables
+(the published page and results measured in parts: :mod:`.pages`)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shlex
@@ -28,13 +27,17 @@ def one_line(e: BaseException, limit: int = 240) -> str:
 
 @dataclass
 class Row:
-    """One (variant, backend, batch, r) measurement, or the reason it was skipped."""
+    """One (variant, backend, batch, r) measurement, or the reason it was skipped.
+
+    ``variant`` is baseline, mame, tome, tomesd or the NAME of a ``--graph NAME=PATH``
+    (``graph``: its path, ``graph_precision``: its own precision; ``r`` and the MACs
+    only where its sidecar records them, else None)."""
 
     model: str
     variant: str
     backend: str
     batch: int
-    r: float
+    r: float | None
     precision: str
     median_ms: float | None = None
     p90_ms: float | None = None
@@ -51,6 +54,8 @@ class Row:
     skipped: str | None = None
     exports: bool | None = None
     forbidden_ops: dict[str, int] | None = None
+    graph: str | None = None
+    graph_precision: str | None = None
 
     def record(self, got: np.ndarray | Exception) -> None:
         """Fill the timings from samples (ms), or the skip reason from the error raised."""
@@ -192,10 +197,13 @@ def _cells(row: dict[str, Any], columns: Sequence[Column]) -> list[str]:
 def _note(row: dict[str, Any]) -> str:
     if row.get("skipped"):
         return f"skipped: {row['skipped']}"
+    parts = []
+    if row.get("graph"):
+        parts.append(f"graph {row['graph']} ({row.get('graph_precision')})")
     ops = row.get("forbidden_ops")
     if ops:
-        return "graph has " + ", ".join(f"{k} x{v}" for k, v in ops.items())
-    return ""
+        parts.append("graph has " + ", ".join(f"{k} x{v}" for k, v in ops.items()))
+    return "; ".join(parts)
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -214,102 +222,3 @@ def format_markdown(rows: Sequence[dict[str, Any]],
     """The result rows as a GitHub markdown table of ``columns`` and a note."""
     head = [h for _, h, _ in columns] + ["note"]
     return "\n".join(markdown_table(head, [_cells(r, columns) + [_note(r)] for r in rows]))
-
-
-# ---------------------------------------------------------------- the published page
-
-
-def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (model, backend, batch, r): MaMe and ToMe speed-ups, FLOPs-ideal, MaMe / ToMe."""
-    out = []
-    index = {(r["model"], r["backend"], r["batch"], r["variant"], r["r"]): r for r in rows}
-    for r in rows:
-        if r["variant"] != "mame":
-            continue
-        tome = index.get((r["model"], r["backend"], r["batch"], "tome", r["r"]), {})
-        mame_ms, tome_ms = r.get("median_ms"), tome.get("median_ms")
-        out.append({
-            "model": r["model"], "backend": r["backend"], "batch": r["batch"], "r": r["r"],
-            "mame_speedup": r.get("speedup"), "mame_ideal": r.get("ideal_speedup"),
-            "mame_efficiency": r.get("efficiency"), "tome_speedup": tome.get("speedup"),
-            "tome_ideal": tome.get("ideal_speedup"),
-            "mame_over_tome": tome_ms / mame_ms if mame_ms and tome_ms else None,
-            "note": r.get("skipped") or tome.get("skipped") or "",
-        })
-    return out
-
-
-_SUMMARY: tuple[Column, ...] = (
-    ("model", "model", ""), ("backend", "backend", ""), ("batch", "batch", ""), ("r", "r", "g"),
-    ("mame_speedup", "MaMe speed-up", ".2f"), ("mame_ideal", "FLOPs-ideal", ".2f"),
-    ("mame_efficiency", "MaMe efficiency", ".0%"), ("tome_speedup", "ToMe speed-up", ".2f"),
-    ("tome_ideal", "ToMe ideal", ".2f"), ("mame_over_tome", "MaMe vs ToMe", ".2f"),
-    ("note", "note", ""),
-)
-
-
-def summary_markdown(rows: list[dict[str, Any]]) -> str:
-    head = [h for _, h, _ in _SUMMARY]
-    body = [[cell(s[k], spec) for k, _, spec in _SUMMARY] for s in summary_rows(rows)]
-    return "\n".join(markdown_table(head, body))
-
-
-def markdown_page(result: dict[str, Any]) -> str:
-    """The published page: command(s), device, versions, timing, summary, every row."""
-    v = result["versions"]
-    exports = sorted({
-        (r["model"], r["variant"], json.dumps(r["forbidden_ops"], sort_keys=True))
-        for r in result["results"] if r.get("exports") and r["variant"] != "baseline"
-    })
-    commands = result.get("commands") or [result["command"]]
-    lines = [
-        f"# Latency: baseline vs MaMe vs ToMe ({result['preset']})",
-        "",
-        *(f"- command: `{c}`" for c in commands),
-        f"- device: {result['device']}; CPU: {result['cpu']}; threads: {result['threads']}",
-        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-        f"- timing: {json.dumps(result['timing'])}",
-        "- weights: random (latency does not depend on weight values)",
-        "",
-        "Speed-ups are against the unpatched model on the same backend and batch, in the same "
-        "run. FLOPs-ideal = 1 / MACs ratio; efficiency = speed-up / FLOPs-ideal; "
-        "MaMe vs ToMe = ToMe latency / MaMe latency (> 1: MaMe is faster).",
-        "",
-        "## Summary",
-        "",
-        summary_markdown(result["results"]),
-        "",
-    ]
-    if exports:
-        lines += ["## Forbidden ops in the exported graphs", ""]
-        lines += [f"- {m} {var}: {ops if ops != '{}' else 'none (static graph)'}"
-                  for m, var, ops in exports] + [""]
-    lines += ["## All rows", "", format_markdown(result["results"]), ""]
-    return "\n".join(lines)
-
-
-def group_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    """Rows of one group are timed in turns, in one run: ratios stay inside a group."""
-    return row["model"], row["backend"], row["batch"], row.get("precision")
-
-
-def check_appendable(old: dict[str, Any], preset: str, device: str) -> None:
-    """ValueError unless ``old`` holds results of the same preset on the same device."""
-    for key, want in (("preset", preset), ("device", device)):
-        if old.get(key) != want:
-            raise ValueError(f"the existing results are for {key} {old.get(key)!r}, this run "
-                             f"for {want!r}; use another --out")
-
-
-def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``new`` plus the rows of ``old`` whose (model, backend, batch, precision) group
-    ``new`` does not measure; refuses results from another preset or device."""
-    check_appendable(old, new["preset"], new["device"])
-    measured = {group_key(r) for r in new["results"]}
-    kept = [r for r in old["results"] if group_key(r) not in measured]
-    merged = dict(new)
-    merged["commands"] = [c for c in old.get("commands") or [old["command"]]
-                          if c != new["command"]] + [new["command"]]
-    merged["runs"] = list(old.get("runs", [])) + list(new.get("runs", []))
-    merged["results"] = kept + new["results"]
-    return merged

@@ -1,9 +1,11 @@
 """One profile run: check the request, build the variants, then per batch and backend
-make each variant's runner, time them all in turns and record the rows."""
+make each variant's (and each given graph's) runner, time them all in turns and record
+the rows."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import tempfile
@@ -15,40 +17,50 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from mame_export.artifacts import clean_stale_dirs, tmp_prefix
 from mame_export.errors import UserError
 from mame_export.export import PRECISIONS
-from mame_export.plan import check_ratio
+from mame_export.families import IOSpec
+from mame_export.profile.graphs import (
+    GraphVariant,
+    check_graph_inputs,
+    check_graph_names,
+    model_input_shapes,
+)
 from mame_export.profile.report import (
     ProfileReport,
     Row,
     add_speedups,
+    cell,
     cpu_name,
     device_name,
     one_line,
     versions,
 )
-from mame_export.profile.timing import TimingSettings, measure_interleaved, random_input_sets
+from mame_export.profile.timing import TimingSettings, input_feeds, measure_interleaved
 from mame_export.profile.variants import (
-    INPUT_NAME,
-    OUTPUT_NAME,
     VARIANTS,
     ExportInfo,
+    MergeSettings,
     Variant,
     build_variant,
     export_variant,
-    image_shape,
-    unpatched_macs,
 )
 from mame_export.runners import Runner, TimedStep, compile_room, deactivating
 from mame_export.runners.factory import (
+    EAGER_RUNNERS,
     GRAPH_RUNNERS,
     RUNNER_NAMES,
     check_runner_names,
     make_runner,
     runner_availability,
 )
+from mame_export.settings import check_batches, check_precision, check_rs, check_threads
 
 BACKENDS = RUNNER_NAMES
+# Temporary folders carry the pid (artifacts.tmp_prefix), so a later run removes the ones
+# a killed run left (artifacts.clean_stale_dirs).
+PROFILE_TMP_PREFIX = "mame-profile-"
 Log = Callable[[str], None]
 
 
@@ -65,9 +77,7 @@ def default_threads() -> int:
 
 def pin_threads(threads: int | None) -> int:
     """Pin PyTorch's intra-op threads (ONNX Runtime gets the same number); return it."""
-    n = threads or default_threads()
-    if n < 1:
-        raise UserError(f"--threads must be >= 1; got {n}")
+    n = check_threads(threads) or default_threads()
     torch.set_num_threads(n)
     with contextlib.suppress(RuntimeError):  # only settable before parallel work starts
         torch.set_num_interop_threads(1)
@@ -94,22 +104,29 @@ def check_request(
     variants: Sequence[str],
 ) -> tuple[list[float], list[str]]:
     """Validate a profile request (UserError with one line); return (rs, backends) cleaned."""
-    if not rs:
-        raise UserError("give at least one r")
-    for r in rs:
-        try:
-            check_ratio(r)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    rs = check_rs(rs)
     backends = check_runner_names(backends, BACKENDS, what="backend", flag="--backends")
-    if not batches or any(int(b) < 1 for b in batches):
-        raise UserError(f"batch sizes must be >= 1; got {list(batches)}")
-    if precision not in PRECISIONS:
-        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    check_batches(batches)
+    check_precision(precision)
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
-        raise UserError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
-    return [float(r) for r in rs], backends
+        raise UserError(f"unknown variant(s) {', '.join(bad) or '(none given)'}; choose from "
+                        f"{', '.join(VARIANTS)}")
+    return rs, backends
+
+
+def check_graphs(graphs: Sequence[GraphVariant], io: IOSpec, batches: Sequence[int],
+                 backends: Sequence[str], model_name: str) -> None:
+    """Refuse, before any work, given graphs that cannot be timed beside the model."""
+    if not graphs:
+        return
+    check_graph_names(graphs)
+    if not any(b in GRAPH_RUNNERS for b in backends):
+        raise UserError(f"--graph needs a graph backend ({', '.join(GRAPH_RUNNERS)}) in "
+                        f"--backends; got {', '.join(backends)}")
+    for batch in batches:
+        for g in graphs:
+            check_graph_inputs(g, io, batch, model_name)
 
 
 def profile(
@@ -117,61 +134,133 @@ def profile(
     *,
     model_name: str,
     rs: Sequence[float],
+    io: IOSpec,
+    merge: MergeSettings | None = None,
+    graphs: Sequence[GraphVariant] = (),
     backends: Sequence[str] = ("torch", "onnxrt"),
     batches: Sequence[int] = (1,),
     device: str = "cpu",
     precision: str = "fp32",
     threads: int | None = None,
     settings: TimingSettings | None = None,
-    variants: Sequence[str] = VARIANTS,
+    variants: Sequence[str] = ("baseline", "mame", "tome"),
     workdir: str | os.PathLike | None = None,
     seed: int = 0,
     command: str = "",
     log: Log = stderr_log,
 ) -> ProfileReport:
-    """Profile ``model`` (unpatched, left unchanged) and its MaMe / ToMe variants.
+    """Profile ``model`` (unpatched, left unchanged), its variants and given graphs.
 
-    For each batch and backend, every variant (the baseline, MaMe and ToMe at
-    each r) gets its runner and a timed step, then all are timed in turns, one call
-    each per round (:func:`measure_interleaved`), so their ratios come from the same
-    conditions. ONNX graphs are exported once per (variant, r, batch) into
+    ``io`` is the model's family's IOSpec (input and output names, random inputs);
+    ``merge`` how MaMe (and ToMe) apply. For each batch and backend, every variant (the
+    baseline, and MaMe, ToMe and ToMe-SD at each r) and, on the graph backends, every
+    graph of ``graphs`` gets its runner and a timed step, then all are timed in turns,
+    one call each per round (:func:`measure_interleaved`), so their ratios come from the
+    same conditions. ONNX graphs are exported once per (variant, r, batch) into
     ``workdir`` (a temporary folder by default) and deleted when the batch is done.
     """
     rs, backends = check_request(rs, backends, batches, precision, variants)
+    check_graphs(graphs, io, batches, backends, model_name)
     settings = settings or TimingSettings()
+    merge = merge or MergeSettings()
     threads_before = torch.get_num_threads()
     try:
         n_threads = pin_threads(threads)
-        img_shape = image_shape(model)
-        macs0 = unpatched_macs(model)
-        specs = [("baseline", 0.0)] if "baseline" in variants else []
-        specs += [(v, r) for r in rs for v in ("mame", "tome") if v in variants]
-        built = {(v, r): build_variant(model, v, r, macs0) for v, r in specs}
+        shapes = model_input_shapes(io, 1)
         report = ProfileReport(
             device=device_name(device), cpu=cpu_name(), threads=n_threads, versions=versions(),
             settings={"model": model_name, "device": device, "precision": precision,
-                      "img_size": list(img_shape[1:]), "rs": rs, "batches": list(batches),
-                      "backends": backends, "timing": asdict(settings), "seed": seed},
+                      "img_size": list(next(iter(shapes.values()))[-2:]),
+                      "inputs": {n: list(s[1:]) for n, s in shapes.items()},
+                      "rs": rs, "batches": list(batches), "backends": backends,
+                      "variants": list(variants),
+                      "graphs": {g.name: str(g.path) for g in graphs},
+                      "merge": {"tau": merge.tau, "layers": merge.layers,
+                                "prop_attn": merge.prop_attn, **merge.options},
+                      "timing": asdict(settings), "seed": seed},
             command=command,
         )
         reasons = {b: runner_availability(b, device)[1] for b in backends}
-        tmp_ctx = (tempfile.TemporaryDirectory(prefix="mame-profile-") if workdir is None
-                   else contextlib.nullcontext(str(workdir)))
-        with tmp_ctx as wd, compile_room(len(built)):
-            for batch in batches:
-                arrays = random_input_sets(batch, img_shape, settings.input_sets, seed + batch)
-                ctx = _Batch(model_name, int(batch), precision, device, n_threads, settings,
-                             img_shape, Path(wd), log, [{INPUT_NAME: a} for a in arrays])
-                for backend in backends:
-                    report.rows += _time_group(ctx, built, backend, reasons[backend])
-                for info in ctx.exports.values():
-                    if info.path is not None:
-                        with contextlib.suppress(OSError):
-                            info.path.unlink()
+        with _work_dir(workdir) as wd:
+            ahead = None
+            if not any(b in EAGER_RUNNERS for b in backends):
+                # Graph backends only: each variant is exported at every batch (if any
+                # backend can run it) and let go before the next is built, so one model
+                # copy lives at a time (a UNet's is gigabytes).
+                runnable = any(not reasons[b] for b in backends)
+                ahead = _Ahead(io, batches if runnable else [], precision, Path(wd), log)
+            built = _build_variants(model, rs, variants, merge, device, precision, ahead)
+            with compile_room(len(built)):
+                for batch in batches:
+                    ctx = _Batch(model_name, int(batch), precision, device, n_threads,
+                                 settings, io, Path(wd), log,
+                                 input_feeds(io, batch, settings.input_sets, seed + batch),
+                                 ahead.exports.get(batch, {}) if ahead else {})
+                    for backend in backends:
+                        report.rows += _time_group(ctx, built, graphs, backend,
+                                                   reasons[backend])
+                    for info in ctx.exports.values():
+                        if info.path is not None:
+                            with contextlib.suppress(OSError):
+                                info.path.unlink()
         add_speedups(report.rows)
         return report
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _work_dir(workdir: str | os.PathLike | None) -> contextlib.AbstractContextManager[str]:
+    """``workdir``, or a temporary folder named with this process's pid (stale ones of
+    killed runs removed first)."""
+    if workdir is not None:
+        return contextlib.nullcontext(str(workdir))
+    clean_stale_dirs(Path(tempfile.gettempdir()), (PROFILE_TMP_PREFIX,))
+    return tempfile.TemporaryDirectory(prefix=tmp_prefix(PROFILE_TMP_PREFIX))
+
+
+@dataclass
+class _Ahead:
+    """Exports made while the variants are built (runs on graph backends only): batch ->
+    (variant, r) -> graph."""
+
+    io: IOSpec
+    batches: Sequence[int]
+    precision: str
+    out_dir: Path
+    log: Log
+    exports: dict[int, dict[tuple[str, float], ExportInfo]] = field(default_factory=dict)
+
+    def take(self, var: Variant) -> None:
+        """Export ``var`` at every batch, then let its model go."""
+        for batch in self.batches if var.model is not None else ():
+            self.log(f"  exporting {var.name} r={var.r:g} batch {batch} to ONNX ...")
+            self.exports.setdefault(int(batch), {})[(var.name, var.r)] = export_variant(
+                var, int(batch), self.io, PRECISIONS[self.precision], self.out_dir)
+        var.model = None
+
+
+def _build_variants(model: nn.Module, rs: Sequence[float], variants: Sequence[str],
+                    merge: MergeSettings, device: str, precision: str,
+                    ahead: _Ahead | None) -> dict[tuple[str, float], Variant]:
+    """Every (variant, r), the baseline first; the baseline's MACs and tokens come from the
+    first plan built (every MaMe and ToMe plan holds the unpatched numbers). With
+    ``ahead``, each is exported (and its model let go) before the next is built."""
+    patched = {}
+    for key in [(v, r) for r in rs for v in variants if v != "baseline"]:
+        patched[key] = build_variant(model, *key, merge=merge)
+        if ahead is not None:
+            ahead.take(patched[key])
+    if "baseline" not in variants:
+        return patched
+    plan = next((var.plan for var in patched.values() if var.plan is not None), None)
+    # An eager runner moves and casts its model in place: the caller's model is copied
+    # unless the run leaves it as it is (fp32 on the CPU, or graph backends only).
+    copy_base = ahead is None and (device != "cpu" or precision != "fp32")
+    base = build_variant(model, "baseline", 0.0, plan.macs_unpatched if plan else None,
+                         tokens=plan.num_patches if plan else None, copy_base=copy_base)
+    if ahead is not None:
+        ahead.take(base)
+    return {("baseline", 0.0): base, **patched}
 
 
 @dataclass
@@ -185,18 +274,18 @@ class _Batch:
     device: str
     threads: int
     settings: TimingSettings
-    img_shape: Sequence[int]
+    io: IOSpec
     out_dir: Path
     log: Log
     feeds: list[dict[str, np.ndarray]]
     exports: dict[tuple[str, float], ExportInfo] = field(default_factory=dict)
 
 
-def _time_group(
-    ctx: _Batch, built: dict[tuple[str, float], Variant], backend: str, reason: str
-) -> list[Row]:
-    """All variants on one backend and batch: each runner activated and its step
-    prepared, then all timed in turns, then every runner deactivated."""
+def _time_group(ctx: _Batch, built: dict[tuple[str, float], Variant],
+                graphs: Sequence[GraphVariant], backend: str, reason: str) -> list[Row]:
+    """All variants (and, on a graph backend, the given graphs) on one backend and batch:
+    each runner activated and its step prepared, then all timed in turns, then every
+    runner deactivated."""
     rows: list[Row] = []
     steps: dict[int, TimedStep] = {}
     if backend == "torch-compile":
@@ -209,13 +298,19 @@ def _time_group(
             if var.error or reason:
                 row.skipped = var.error or reason
                 continue
-            try:
-                runner = _runner_for(ctx, row, var, backend)
-                if runner is not None:
-                    runners.append(runner)
-                    steps[len(rows) - 1] = runner.prepare_timing(ctx.feeds)
-            except Exception as e:  # noqa: BLE001 - a backend that fails is a row that says why
-                row.skipped = f"failed: {one_line(e)}"
+            _prepare(row, functools.partial(_runner_for, ctx, row, var, backend), ctx, runners,
+                     steps, len(rows) - 1)
+        for g in graphs if backend in GRAPH_RUNNERS else ():
+            row = Row(ctx.model_name, g.name, backend, ctx.batch, g.r, ctx.precision,
+                      flops_ratio=g.flops_ratio, gmacs=g.gmacs, final_tokens=g.final_tokens,
+                      exports=True, forbidden_ops=g.forbidden, graph=str(g.path),
+                      graph_precision=g.precision)
+            rows.append(row)
+            if reason:
+                row.skipped = reason
+                continue
+            _prepare(row, functools.partial(_graph_runner, ctx, backend, g.path, g.precision),
+                     ctx, runners, steps, len(rows) - 1)
         if steps:
             ctx.log(f"  timing {len(steps)} variant(s) in turns on {backend}, batch {ctx.batch}")
         time_rows(rows, steps, ctx.settings)
@@ -224,36 +319,53 @@ def _time_group(
     return rows
 
 
+def _prepare(row: Row, make: Callable[[], Runner | None], ctx: _Batch, runners: list[Runner],
+             steps: dict[int, TimedStep], index: int) -> None:
+    """Make the row's runner and its timed step; a failure is the row's skip reason."""
+    try:
+        runner = make()
+        if runner is not None:
+            runners.append(runner)
+            steps[index] = runner.prepare_timing(ctx.feeds)
+    except Exception as e:  # noqa: BLE001 - a backend that fails is a row that says why
+        row.skipped = f"failed: {one_line(e)}"
+
+
 def _runner_for(ctx: _Batch, row: Row, var: Variant, backend: str) -> Runner | None:
     """The row's runner; for a graph backend, the variant is exported first (once per
     batch), and an export that fails becomes the row's ``skipped`` reason and None."""
     dtype = PRECISIONS[ctx.precision]
     if backend not in GRAPH_RUNNERS:
         # moved and cast in place (exports work from a copy); back on the CPU when done
-        return make_runner(backend, model=var.model, input_names=[INPUT_NAME],
-                           output_names=[OUTPUT_NAME], device=ctx.device, dtype=dtype)
+        return make_runner(backend, model=var.model, input_names=ctx.io.input_names,
+                           output_names=ctx.io.output_names, device=ctx.device, dtype=dtype)
     key = (var.name, var.r)
     if key not in ctx.exports:
         ctx.log(f"  exporting {var.name} r={var.r:g} batch {row.batch} to ONNX ...")
-        ctx.exports[key] = export_variant(var, row.batch, ctx.img_shape, dtype, ctx.out_dir)
+        ctx.exports[key] = export_variant(var, row.batch, ctx.io, dtype, ctx.out_dir)
     info = ctx.exports[key]
     row.exports = info.error is None
     row.forbidden_ops = info.forbidden if info.error is None else None
     if info.path is None:
         row.skipped = info.error
         return None
+    return _graph_runner(ctx, backend, info.path, row.precision)
+
+
+def _graph_runner(ctx: _Batch, backend: str, path: Path, precision: str) -> Runner:
     trt_options = None
     if backend == "tensorrt":  # pragma: no cover - needs TensorRT and a GPU
         from mame_export.trt.engine import EngineOptions
 
-        trt_options = EngineOptions(precision=row.precision)
+        trt_options = EngineOptions(precision=precision)  # strongly typed: the graph's own
     # The variants' ONNX Runtime sessions take turns: idle sessions must not spin.
-    return make_runner(backend, onnx_path=info.path, threads=ctx.threads, spinning=False,
+    return make_runner(backend, onnx_path=path, threads=ctx.threads, spinning=False,
                        trt_options=trt_options, engines_dir=ctx.out_dir / "engines")
 
 
 def _log_row(row: Row, log: Log) -> None:
-    what = f"[profile] {row.model} {row.variant:<8} r={row.r:<5g} {row.backend:<13} b{row.batch}"
+    what = (f"[profile] {row.model} {row.variant:<8} r={cell(row.r, 'g'):<5} "
+            f"{row.backend:<13} b{row.batch}")
     if row.skipped:
         log(f"{what}: skipped ({row.skipped})")
     else:

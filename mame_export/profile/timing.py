@@ -8,6 +8,7 @@ which their runners prepare with their own synchronisation.
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from mame_export.errors import UserError
+from mame_export.families import IOSpec
 from mame_export.runners.base import TimedStep
 
 Key = TypeVar("Key", bound=Hashable)
@@ -43,8 +45,9 @@ class TimingSettings:
                             f"{self.max_iters}")
         if self.input_sets < 2:
             raise UserError("input_sets must be >= 2 (inputs are rotated)")
-        if self.warmup_iters < 0 or self.budget_s < 0 or self.warmup_s < 0:
-            raise UserError("warm-up and budget must be >= 0")
+        if self.warmup_iters < 0 or not (0 <= self.budget_s < math.inf) \
+                or not (0 <= self.warmup_s < math.inf):  # NaN fails both comparisons
+            raise UserError("warm-up and budget must be finite and >= 0")
 
 
 QUICK = TimingSettings(warmup_iters=2, warmup_s=0.0, min_iters=5, max_iters=20, budget_s=0.5,
@@ -74,12 +77,12 @@ def throughput(batch: int, median_ms: float) -> float:
     return batch * 1000.0 / median_ms
 
 
-def random_input_sets(
-    batch: int, shape: Sequence[int], n_sets: int, seed: int = 0
-) -> list[np.ndarray]:
-    """``n_sets`` different standard-normal float32 arrays of shape (batch, *shape)."""
+def input_feeds(io: IOSpec, batch: int, n_sets: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``n_sets`` different sets of the model's inputs at ``batch`` (its family's
+    ``IOSpec.make_inputs``: float32, random, never zeros), by input name."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, *shape, generator=gen).numpy() for _ in range(n_sets)]
+    return [dict(zip(io.input_names, (a.numpy() for a in io.make_inputs(batch, gen)),
+                     strict=True)) for _ in range(n_sets)]
 
 
 def _warm_up(step: TimedStep, settings: TimingSettings) -> None:

@@ -1,21 +1,37 @@
-"""The models a profile compares: the unpatched baseline, MaMe and ToMe at each r, and
-their static-batch ONNX exports (with the forbidden-op census of each graph)."""
+"""The models a profile compares: the unpatched baseline, MaMe at each r, the baseline
+method of the family at the same r (ToMe for timm ViTs, ToMe-SD for UNets), and their
+static-batch ONNX exports (with the forbidden-op census of each graph)."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from mame_export.errors import UserError
-from mame_export.export import export_onnx
+from mame_export.export import export_onnx, reduced_precision_copy
+from mame_export.families import Family, IOSpec
+from mame_export.plan import MergePlan
 
-VARIANTS = ("baseline", "mame", "tome")
-INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+VARIANTS = ("baseline", "mame", "tome", "tomesd")
+# ToMe-SD picks its blocks by UNet level: 8 reaches every level of SD 1.x/2.x, the blocks
+# MaMe merges in by default. Its random partition (use_rand) does not export; off.
+TOMESD_OPTIONS = {"max_downsample": 8, "use_rand": False}
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """How MaMe is applied (and ToMe, with the same layers): ``options`` are the family's
+    own keyword arguments (``Family.patch_options``: a UNet's latent size, ...)."""
+
+    tau: float | None = None
+    layers: list[int] | None = None
+    prop_attn: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -27,48 +43,75 @@ class Variant:
     gmacs: float | None
     final_tokens: int | None
     error: str | None = None
+    plan: MergePlan | None = None
 
 
-def build_variant(base: nn.Module, name: str, r: float, macs_unpatched: int | None) -> Variant:
-    """A patched deep copy of ``base`` (unchanged), or a Variant with the reason it failed."""
-    from mame_export.baselines import apply_tome, tome_plan
-    from mame_export.patch import apply, merge_plan
+def family_variants(family: Family) -> tuple[str, ...]:
+    """The variants that apply to ``family``'s models: the baseline and MaMe always, ToMe
+    where the family has the ``tome`` capability, ToMe-SD for the Stable Diffusion UNet."""
+    out = ["baseline", "mame"]
+    if "tome" in family.capabilities:
+        out.append("tome")
+    if family.name == "sd-unet":  # ToMe-SD patches diffusers UNets
+        out.append("tomesd")
+    return tuple(out)
 
-    model = copy.deepcopy(base).eval()
+
+def build_variant(base: nn.Module, name: str, r: float, macs_unpatched: int | None = None,
+                  *, merge: MergeSettings | None = None, tokens: int | None = None,
+                  copy_base: bool = True) -> Variant:
+    """A patched deep copy of ``base`` (unchanged), or a Variant with the reason it failed.
+
+    ``macs_unpatched`` and ``tokens`` describe the baseline (its GMACs and patch tokens);
+    ``copy_base=False`` lets the baseline be ``base`` itself (for runs that change it in
+    no way: fp32 on the CPU)."""
+    merge = merge or MergeSettings()
     if name == "baseline":
+        model = copy.deepcopy(base).eval() if copy_base else base.eval()
         gmacs = macs_unpatched / 1e9 if macs_unpatched else None
-        n = getattr(getattr(model, "patch_embed", None), "num_patches", None)
-        return Variant(name, 0.0, model, 1.0, gmacs, n)
+        return Variant(name, 0.0, model, 1.0, gmacs, tokens)
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}")
     try:
-        if name == "mame":
-            plan = merge_plan(apply(model, r))
-        elif name == "tome":
-            plan = tome_plan(apply_tome(model, r))
-        else:
-            raise ValueError(f"unknown variant {name!r}")
-    except (TypeError, ValueError) as e:
+        patch = _patcher(name, r, merge)
+    except ImportError:  # ToMe-SD is an optional package
+        return Variant(name, r, None, None, None, None, error=f"{name} is not installed: "
+                       "pip install 'mame-export[compare]'")
+    except ValueError as e:
+        return Variant(name, r, None, None, None, None, error=str(e))
+    model = copy.deepcopy(base).eval()
+    try:
+        plan = patch(model)
+    except (TypeError, ValueError, AttributeError, RuntimeError) as e:  # ToMe-SD: Runtime
         return Variant(name, r, None, None, None, None, error=f"{name} does not apply: {e}")
-    return Variant(name, r, model, plan.flops_ratio, plan.macs / 1e9, plan.final_patches)
+    if plan is None:  # ToMe-SD: no analytic plan
+        return Variant(name, r, model, None, None, None)
+    return Variant(name, r, model, plan.flops_ratio, plan.macs / 1e9, plan.final_patches,
+                   plan=plan)
 
 
-def image_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) of the pixels a patch-embedding image model takes."""
-    pe = getattr(model, "patch_embed", None)
-    if pe is None or not hasattr(pe, "img_size") or not hasattr(pe, "proj"):
-        raise UserError(f"profile supports image models with a patch embedding (timm ViTs); "
-                        f"got {type(model).__name__}")
-    h, w = pe.img_size
-    return int(pe.proj.in_channels), int(h), int(w)
+def _patcher(name: str, r: float, merge: MergeSettings) -> Any:
+    """model -> its plan (None for ToMe-SD), patching it in place."""
+    if name == "mame":
+        from mame_export.patch import apply, merge_plan
 
+        return lambda m: merge_plan(apply(m, r, tau=merge.tau, layers=merge.layers,
+                                          prop_attn=merge.prop_attn, **merge.options))
+    if name == "tome":
+        from mame_export.baselines import apply_tome, tome_plan
 
-def unpatched_macs(base: nn.Module) -> int | None:
-    """MACs of the unpatched model, from the MaMe plan at r=0 (None if MaMe does not apply)."""
-    from mame_export.patch import apply, merge_plan
+        return lambda m: tome_plan(apply_tome(m, r, layers=merge.layers,
+                                              prop_attn=merge.prop_attn))
+    import tomesd
 
-    try:
-        return merge_plan(apply(copy.deepcopy(base), 0.0)).macs_unpatched
-    except (TypeError, ValueError):
-        return None
+    if merge.layers is not None:
+        raise ValueError("tomesd does not apply: ToMe-SD picks its blocks by UNet level, not "
+                         "by --layers")
+
+    def apply_tomesd(m: nn.Module) -> None:
+        tomesd.apply_patch(getattr(m, "unet", m), ratio=r, **TOMESD_OPTIONS)
+
+    return apply_tomesd
 
 
 @dataclass
@@ -94,18 +137,20 @@ def forbidden_census(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def export_variant(
-    variant: Variant, batch: int, img_shape: Sequence[int], dtype: torch.dtype, out_dir: Path
-) -> ExportInfo:
-    """Export a variant at a static batch; failures become ``ExportInfo.error``."""
+def export_variant(variant: Variant, batch: int, io: IOSpec, dtype: torch.dtype,
+                   out_dir: Path) -> ExportInfo:
+    """Export a variant at a static batch with the inputs and outputs of its family's
+    ``io``; failures become ``ExportInfo.error``."""
     assert variant.model is not None
     path = out_dir / f"{variant.name}_r{variant.r:g}_b{batch}.onnx"
-    model = copy.deepcopy(variant.model).to("cpu", dtype)
-    example = (torch.randn(batch, *img_shape, generator=torch.Generator().manual_seed(1))
-               .to(dtype),)
+    # fp32 exports read the model as it is; reduced precision casts a copy (as export does)
+    model = variant.model if dtype == torch.float32 else reduced_precision_copy(
+        variant.model, dtype)
+    example = tuple(t.to(dtype) if t.is_floating_point() else t
+                    for t in io.make_inputs(batch, torch.Generator().manual_seed(1)))
     try:
-        export_onnx(model, example, path, input_names=(INPUT_NAME,),
-                    output_names=(OUTPUT_NAME,), dynamic_batch=False)
+        export_onnx(model, example, path, input_names=io.input_names,
+                    output_names=io.output_names, dynamic_batch=False)
     except UserError as e:
         return ExportInfo(None, f"does not export: {e}", {})
     return ExportInfo(path, None, forbidden_census(path))
