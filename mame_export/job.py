@@ -318,10 +318,3 @@ def parity_for_graph(graph: Path, runners: list[str], batches: int, seed: int | 
     return check_parity(ref, cands, feeds_maker(io, sizes), job.precision,
                         batches=max(batches, len(sizes)), seed=seed,
                         tolerance=tolerance(job, io, model))
-
-
-def preflight(spec: ModelSpec, req: ExportRequest, export: bool) -> None:
-    """The structure checks of :func:`~mame_export.request.preflight` for ``spec``."""
-    from mame_export.request import preflight as check_structure
-
-    check_structure(spec, get_family(spec.family), req, export)

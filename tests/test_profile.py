@@ -341,6 +341,14 @@ def _alias_params() -> list:
     return out
 
 
+def _job(spec: ModelSpec, **kwargs):
+    """A resolved profile job for ``spec`` (random weights, one thread, r = 0.5)."""
+    from mame_export.request import ExportRequest, resolve_job
+
+    req = ExportRequest(model=spec.alias, weights="random", threads=1, **kwargs)
+    return resolve_job(req, export=False, spec=spec, rs=[0.5])
+
+
 def _tiny_spec(alias: str) -> ModelSpec:
     name, _, flag = alias.partition(" --")
     spec = registry()[name]
@@ -383,8 +391,8 @@ def onnxrt_reports():
         key = _io_kind(alias)
         if key not in runs:
             variants = [v for v in key[2] if v in ("mame", "tome")]
-            runs[key] = profile_model(spec, rs=[0.5], variants=variants, backends=["onnxrt"],
-                                      threads=1, settings=TINY, log=lambda _m: None)
+            runs[key] = profile_model(_job(spec), variants=variants, backends=["onnxrt"],
+                                      settings=TINY, log=lambda _m: None)
         return runs[key]
 
     return get
@@ -398,8 +406,7 @@ def test_every_alias_profiles_on_torch_and_onnxrt(alias, onnxrt_reports):
     spec = _tiny_spec(alias)
     family = get_family(spec.family)
     io = _tiny_io(alias)
-    rep = profile_model(spec, rs=[0.5], backends=["torch"], threads=1, settings=TINY,
-                        log=lambda _m: None)
+    rep = profile_model(_job(spec), backends=["torch"], settings=TINY, log=lambda _m: None)
     want = list(family_variants(family))
     if "tomesd" in want and importlib.util.find_spec("tomesd") is None:
         want.remove("tomesd")  # its row is skipped with the reason (checked below)

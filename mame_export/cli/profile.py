@@ -17,6 +17,7 @@ from mame_export.errors import UserError
 if TYPE_CHECKING:  # mame_export.profile imports torch: it loads when the command runs
     from mame_export.families import ModelSpec
     from mame_export.profile import TimingSettings
+    from mame_export.request import Job
 
 DEFAULT_BACKENDS = "torch,onnxrt"
 NOTHING_TIMED = 1  # exit status of a run whose every row was skipped
@@ -128,19 +129,17 @@ def timing_settings(args: argparse.Namespace) -> TimingSettings:
     )
 
 
-def checked_spec(args: argparse.Namespace) -> ModelSpec:
-    """The model's spec (``--llava`` applied), its structure and input size checked the way
-    export checks them, before anything is built. The one place profile calls preflight."""
-    from mame_export.families import resolve
-    from mame_export.job import preflight, request_spec
-    from mame_export.request import ExportRequest
+def resolved_job(args: argparse.Namespace) -> Job:
+    """The one resolved job of this profile: every model and merge setting checked once,
+    and the model's structure and input size checked as export checks them, before any
+    build."""
+    from mame_export.request import ExportRequest, resolve_job
 
-    req = ExportRequest(model=args.model, r=max(args.r), tau=args.tau, layers=args.layers,
+    req = ExportRequest(model=args.model, tau=args.tau, layers=args.layers,
                         prop_attn=args.prop_attn, img_size=args.img_size, weights=args.weights,
-                        llava=args.llava)
-    spec = request_spec(req, resolve(args.model))
-    preflight(spec, req, export=False)
-    return spec
+                        llava=args.llava, precision=args.precision, threads=args.threads,
+                        batch=None if not args.batch else args.batch[0])
+    return resolve_job(req, export=False, rs=args.r)
 
 
 def command_line(args: argparse.Namespace, spec: ModelSpec) -> str:
@@ -199,14 +198,9 @@ def run(args: argparse.Namespace) -> int:
         plot,
         profile_model,
     )
-    from mame_export.settings import check_positive_size, check_tau, check_threads
 
     check_request(args.r, args.backends, [1] if args.batch is None else args.batch,
                   args.precision, ["baseline"] if args.variants is None else args.variants)
-    threads = check_threads(args.threads)
-    check_positive_size(args.img_size)
-    if args.tau is not None:
-        check_tau(args.tau)
     settings = timing_settings(args)
     graph_args = [parse_graph_arg(g) for g in args.graph]
     if args.plot:
@@ -217,14 +211,12 @@ def run(args: argparse.Namespace) -> int:
                             f"got {args.markdown}")
         for path in (args.markdown, str(Path(args.markdown).with_suffix(".json"))):
             check_plot_path(path, "--markdown", needs_matplotlib=False)
-    old = _old_results(args, threads)
-    spec = checked_spec(args)
+    job = resolved_job(args)  # every model setting checked once, before any build
+    old = _old_results(args, job.threads)
     graphs = [load_graph_variant(name, path) for name, path in graph_args]
     report = profile_model(
-        spec, rs=args.r, weights=args.weights, img_size=args.img_size, variants=args.variants,
-        batches=args.batch, tau=args.tau, layers=args.layers, prop_attn=args.prop_attn,
-        graphs=graphs, backends=args.backends, device=args.device, precision=args.precision,
-        threads=threads, settings=settings, command=command_line(args, spec),
+        job, variants=args.variants, batches=args.batch, graphs=graphs, backends=args.backends,
+        device=args.device, settings=settings, command=command_line(args, job.spec),
     )
     out = report.to_dict()
     if args.json:

@@ -151,7 +151,7 @@ def build_variants(
     patches its own copy of ``model``; what is left out is said in ``notes``."""
     settings = dict(tau=tau, layers=layers, prop_attn=prop_attn, **(patch_options or {}))
     capabilities = family.capabilities if family is not None else frozenset({"tome"})
-    unet = hasattr(model, "unet")  # the sd-unet family's wrapper holds its UNet there
+    unet = "tomesd" in capabilities or (family is None and hasattr(model, "unet"))
     tomesd = tome and unet and tomesd_available() and layers is None
     if tome and notes is not None:
         if unet and not tomesd:

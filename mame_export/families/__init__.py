@@ -28,8 +28,7 @@ FAMILY_MODULES = (
 )
 
 __all__ = ["Family", "IOSpec", "ModelSpec", "UnknownModelError", "UnsupportedModelError",
-           "all_families", "build_model", "family_for_model", "get_family", "registry",
-           "require", "resolve"]
+           "all_families", "build_model", "family_for_model", "get_family", "registry", "resolve"]
 
 
 @functools.cache
@@ -88,13 +87,3 @@ def family_for_model(model: nn.Module) -> Family:
     supported = "; ".join(f.summary for f in all_families())
     raise TypeError(f"MaMe does not support {type(model).__module__}.{type(model).__name__}; "
                     f"supported: {supported}")
-
-
-def require(spec: ModelSpec, capability: str, what: str) -> None:
-    """One-line UnsupportedModelError unless ``spec``'s family has ``capability``
-    (see :class:`Family`); ``what`` says what needs it ("eval supports ...")."""
-    if capability in get_family(spec.family).capabilities:
-        return
-    able = [f.name for f in all_families() if capability in f.capabilities]
-    raise UnsupportedModelError(f"{what} ({', '.join(able)} models); {spec.alias} is a "
-                                f"{spec.family} model")

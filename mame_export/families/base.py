@@ -167,9 +167,9 @@ class Patcher(ABC):
 class Family:
     """Base class of a model family; subclasses override what they support.
 
-    ``capabilities`` names the commands beyond export/plan/parity that the family's
-    models work with: ``"eval"`` (a classifier judged on labelled images), ``"profile"``
-    (image-input latency variants) and ``"tome"`` (the ToMe baseline applies).
+    ``capabilities`` names what the family's models have beyond what every family does
+    (export, plan, parity, eval, profile): ``"tome"`` (the ToMe baseline applies),
+    ``"tomesd"`` (ToMe-SD applies: diffusers UNets), ``"llava"`` (LLaVA's encoder output).
     """
 
     name: str = ""

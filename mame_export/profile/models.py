@@ -9,11 +9,12 @@ from typing import Any
 import torch
 
 from mame_export.errors import UserError
-from mame_export.families import ModelSpec, build_model, get_family
+from mame_export.families import ModelSpec, get_family
 from mame_export.profile.graphs import GraphVariant
 from mame_export.profile.report import ProfileReport
 from mame_export.profile.run import Log, check_graphs, profile, stderr_log
 from mame_export.profile.variants import MergeSettings, family_variants
+from mame_export.request import Job, build
 
 
 def check_variants(variants: Sequence[str], spec: ModelSpec) -> list[str]:
@@ -29,42 +30,39 @@ def check_variants(variants: Sequence[str], spec: ModelSpec) -> list[str]:
 
 
 def profile_model(
-    spec: ModelSpec,
+    job: Job,
     *,
-    rs: Sequence[float],
-    weights: str = "random",
-    img_size: int | None = None,
     variants: Sequence[str] | None = None,
     batches: Sequence[int] | None = None,
-    tau: float | None = None,
-    layers: list[int] | None = None,
-    prop_attn: bool = True,
     backends: Sequence[str] = ("torch", "onnxrt"),
     graphs: Sequence[GraphVariant] = (),
     log: Log = stderr_log,
     **options: Any,
 ) -> ProfileReport:
-    """Build ``spec``'s model (seeded random weights by default) and :func:`profile` it.
+    """Build the resolved job's model (seeded random weights unless the job names others)
+    and :func:`profile` it at each of the job's rs.
 
     ``variants``: default every variant that applies to the family (the baseline, MaMe,
-    ToMe for timm ViTs, ToMe-SD for the UNet); ``batches``: default the spec's
-    ``default_batch`` (2 for the UNet). MaMe is applied with ``tau``, ``layers``,
-    ``prop_attn`` and the family's patch options; ``graphs`` are checked against the
-    model's inputs before it is built where the family has a skeleton. ``options`` go to
-    :func:`profile` (device, precision, threads, settings, workdir, seed, command).
+    ToMe for timm ViTs, ToMe-SD for the UNet); ``batches``: default the job's batch (the
+    spec's ``default_batch``: 2 for the UNet). MaMe is applied with the job's settings;
+    ``graphs`` are checked against the model's inputs before it is built where the family
+    has a skeleton. ``options`` go to :func:`profile` (device, settings, workdir, seed,
+    command); precision and threads are the job's.
     """
-    family = get_family(spec.family)
+    family, spec, img_size = job.family, job.spec, job.img_size
     variants = check_variants(family_variants(family) if variants is None else variants, spec)
-    batches = [spec.default_batch] if batches is None else batches
+    batches = [job.batch] if batches is None else batches
     skeleton = family.skeleton(spec, img_size) if graphs else None
     if skeleton is not None:  # a graph that does not fit is refused before the build
         check_graphs(graphs, family.io_spec(spec, skeleton, img_size), batches, backends,
                      spec.alias)
     torch.manual_seed(0)  # the same random weights in every run
-    model, source = build_model(spec, weights, img_size)
-    family.check(model, spec.alias, img_size, export=False)
-    log(f"profiling {spec.alias} ({spec.source_name}, weights: {source})")
-    merge = MergeSettings(tau, layers, prop_attn, family.patch_options(spec, img_size))
-    return profile(model, model_name=spec.alias, rs=rs, io=family.io_spec(spec, model, img_size),
-                   merge=merge, variants=variants, batches=batches, backends=backends,
-                   graphs=graphs, log=log, **options)
+    built = build(job, log=lambda _m: None, patch=False)
+    job, model = built.job, built.model
+    assert job.io is not None
+    log(f"profiling {spec.alias} ({spec.source_name}, weights: {built.source})")
+    layers = None if job.layers is None else list(job.layers)
+    merge = MergeSettings(job.tau, layers, job.prop_attn, family.patch_options(spec, img_size))
+    return profile(model, model_name=spec.alias, rs=job.rs, io=job.io, merge=merge,
+                   variants=variants, batches=batches, backends=backends, graphs=graphs,
+                   log=log, precision=job.precision, threads=job.threads, **options)

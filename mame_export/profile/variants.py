@@ -48,11 +48,11 @@ class Variant:
 
 def family_variants(family: Family) -> tuple[str, ...]:
     """The variants that apply to ``family``'s models: the baseline and MaMe always, ToMe
-    where the family has the ``tome`` capability, ToMe-SD for the Stable Diffusion UNet."""
+    where the family has the ``tome`` capability, ToMe-SD where it has ``tomesd``."""
     out = ["baseline", "mame"]
     if "tome" in family.capabilities:
         out.append("tome")
-    if family.name == "sd-unet":  # ToMe-SD patches diffusers UNets
+    if "tomesd" in family.capabilities:
         out.append("tomesd")
     return tuple(out)
 

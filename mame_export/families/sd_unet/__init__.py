@@ -20,6 +20,7 @@ class SdUNetFamily(Family):
     name = "sd-unet"
     aliases = ("diffusers-unet",)  # the name its merge plans carry
     summary = "diffusers UNet2DConditionModel (SD 1.x/2.x)"
+    capabilities = frozenset({"tomesd"})
     patcher = PATCHER
 
     def entries(self) -> list[ModelSpec]:

@@ -92,7 +92,7 @@ class TimmViTFamily(Family):
     summary = ("timm VisionTransformer models (ViT, DeiT, SigLIP/SigLIP2, register-token "
                "ViTs)")
     patcher = PATCHER
-    capabilities = frozenset({"eval", "profile", "tome"})
+    capabilities = frozenset({"tome"})
 
     def entries(self) -> list[ModelSpec]:
         return list(ENTRIES)
