@@ -12,11 +12,12 @@ modules' shapes, so planning any input size is instant.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
+
+from mame_export import settings
+from mame_export.errors import UserError
 
 Size = int | tuple[int, int]
 """An input size: a square side or (height, width); for a UNet, of its latent."""
@@ -295,21 +296,21 @@ def default_merge_layers(depth: int) -> list[int]:
     return list(range(min(DEFAULT_MERGE_BLOCKS, depth)))
 
 
-def _is_real(v: object) -> bool:
-    # numbers.Real admits numpy scalars; bool is an int but never a ratio.
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+def _library_check(check: Callable[..., Any], value: object, name: str) -> None:
+    """A setting's one rule (mame_export.settings), raised as the library's ValueError."""
+    try:
+        check(value, name)
+    except UserError as e:
+        raise ValueError(str(e)) from None
 
 
 def check_ratio(r: float) -> None:
-    if not (_is_real(r) and math.isfinite(r) and 0.0 <= r < 1.0):
-        raise ValueError(f"r must be in [0, 1); got {r!r}")
+    _library_check(settings.check_r, r, "r")
 
 
 def check_target_macs(target: float) -> None:
-    if not (_is_real(target) and math.isfinite(target) and 0.0 < target <= 1.0):
-        raise ValueError(f"target MACs ratio must be in (0, 1]; got {target!r}")
+    _library_check(settings.check_target_macs, target, "target MACs ratio")
 
 
 def check_tau(tau: float) -> None:
-    if not (_is_real(tau) and math.isfinite(tau) and -1.0 <= tau <= 1.0):
-        raise ValueError(f"tau must be in [-1, 1]; got {tau!r}")
+    _library_check(settings.check_tau, tau, "tau")

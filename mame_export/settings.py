@@ -75,8 +75,8 @@ def check_target_macs(v: object, flag: str = "--target-macs") -> float:
     return check_real(flag, v, 0.0, 1.0, lo_open=True)
 
 
-def check_tau(v: object) -> float:
-    return check_real("--tau", v, -1.0, 1.0)
+def check_tau(v: object, flag: str = "--tau") -> float:
+    return check_real(flag, v, -1.0, 1.0)
 
 
 def check_batch(v: object, flag: str = "--batch") -> int:
