@@ -23,7 +23,7 @@ MAX_INPUT_SETS = 64  # random input sets a profile rotates
 MAX_ITERS = 1_000_000  # timed iterations per profile row
 MAX_SECONDS = 24 * 3600.0  # a profile row's time budget
 MAX_LIMIT = 10_000_000  # images an eval reads
-# The opsets every export is tested at (tests/test_reliability.py exports each): the
+# The opsets every export is tested at (tests/test_job.py exports each): the
 # dynamo exporter writes 18 and converts up; 17 cannot be written, and at 23 it emits
 # the ONNX Attention op, whose mask ONNX Runtime's CPU provider rejects.
 OPSETS = (18, 22)

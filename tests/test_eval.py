@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
+from helpers import cli_error, registry_params, tiny_model, write_png
 
 from mame_export import evaluate as ev
 from mame_export.cli import main
@@ -19,13 +19,6 @@ from mame_export.evaluate.deployed import GraphMismatchError
 from mame_export.evaluate.variants import NonFiniteOutputError, Variant, run_once
 from mame_export.families import IOSpec, get_family, registry
 from mame_export.families.base import with_kwargs
-
-_NEEDS = {"sd-unet": "diffusers", "transformers": "transformers"}
-
-
-def _png(path, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb.astype(np.uint8)).save(path)
 
 
 def _stripes(vertical: bool, phase: int, size: int = 32) -> np.ndarray:
@@ -38,7 +31,7 @@ def _stripes(vertical: bool, phase: int, size: int = 32) -> np.ndarray:
 def _stripe_folder(root, per_class: int = 6, names=("horizontal", "vertical"), size=32):
     for c, name in enumerate(names):
         for i in range(per_class):
-            _png(root / name / f"{i}.png", _stripes(bool(c), phase=i, size=size))
+            write_png(root / name / f"{i}.png", _stripes(bool(c), phase=i, size=size))
     return root
 
 
@@ -50,8 +43,8 @@ def data(tmp_path_factory):
     for c, name in enumerate(("horizontal", "vertical")):
         for k in range(2):
             for f in range(4):
-                _png(root / "clips" / name / f"clip{k}" / f"{f:03d}.png",
-                     _stripes(bool(c), phase=k + f, size=24))
+                write_png(root / "clips" / name / f"clip{k}" / f"{f:03d}.png",
+                          _stripes(bool(c), phase=k + f, size=24))
     (root / "latents").mkdir()
     for k in range(3):
         np.save(root / "latents" / f"{k}.npy",
@@ -119,18 +112,6 @@ def test_a_variant_with_nan_outputs_fails_naming_it():
 # ---- every registry alias at tiny size ----------------------------------------------------
 
 
-def _aliases() -> list:
-    out = []
-    for alias, spec in registry().items():
-        dep = _NEEDS.get(spec.family)
-        mark = pytest.mark.skipif(dep is not None and importlib.util.find_spec(dep) is None,
-                                  reason=f"{spec.family} needs {dep}")
-        out.append(pytest.param(alias, False, id=alias, marks=mark))
-        if "llava" in get_family(spec.family).capabilities and alias == "clip_l336":
-            out.append(pytest.param(alias, True, id=f"{alias}-llava", marks=mark))
-    return out
-
-
 def _run_eval(spec, kwargs: dict, log):
     """``run_eval`` on a resolved job for ``spec`` (eval-only settings split off)."""
     from mame_export.request import ExportRequest, resolve_job
@@ -141,17 +122,9 @@ def _run_eval(spec, kwargs: dict, log):
     return ev.run_eval(job, ev.EvalSettings(**only), log)
 
 
-def _tiny_spec(alias: str, llava: bool = False):
-    spec = registry()[alias]
-    if llava:
-        spec = with_kwargs(spec, alias, llava=True)
-    return get_family(spec.family).tiny(spec)
-
-
-@pytest.mark.parametrize("alias, llava", _aliases())
+@pytest.mark.parametrize("alias, llava", registry_params(llava=True))
 def test_every_alias_evaluates_at_tiny_size(alias, llava, data):
-    spec = _tiny_spec(alias, llava)
-    family = get_family(spec.family)
+    family, spec = tiny_model(alias, llava=True) if llava else tiny_model(alias)
     model, _ = family.build(spec, "random", None)
     kind = ev.run.inputs_of(family, spec, model, None).kind
     folder = {"images": data / "images", "clips": data / "clips", "latents": None}[kind]
@@ -188,7 +161,7 @@ def test_every_alias_evaluates_at_tiny_size(alias, llava, data):
 
 
 def test_unet_latents_from_data_are_used(data):
-    spec = _tiny_spec("sd21-unet")
+    spec = tiny_model("sd21-unet")[1]
     report = _run_eval(spec, dict(data=data / "latents", weights="random",
                                                batch=2, layers=[0]), lambda _: None)
     assert report["images"] == 3 and [r["name"] for r in report["variants"]] == \
@@ -201,18 +174,18 @@ def test_unet_latents_from_data_are_used(data):
 
 def test_a_unet_refuses_a_folder_of_images(data):
     with pytest.raises(ev.DataError):
-        _run_eval(_tiny_spec("sd21-unet"), dict(data=data / "images",
+        _run_eval(tiny_model("sd21-unet")[1], dict(data=data / "images",
                                                              weights="random"), print)
 
 
 def test_an_image_model_needs_data():
     with pytest.raises(ev.run.UserError, match="--data DIR is needed"):
-        _run_eval(_tiny_spec("vit_t"), dict(weights="random"), print)
+        _run_eval(tiny_model("vit_t")[1], dict(weights="random"), print)
 
 
 def test_fewer_than_two_images_per_class_says_why_no_probe(tmp_path):
     _stripe_folder(tmp_path, per_class=1, size=24)
-    report = _run_eval(_tiny_spec("dinov2_s"), dict(
+    report = _run_eval(tiny_model("dinov2_s")[1], dict(
         data=tmp_path, weights="random", tome=False), lambda _: None)
     assert any("not computed: a class has 1 image(s)" in n for n in report["notes"])
     assert "knn_accuracy" not in report["variants"][0]
@@ -264,7 +237,7 @@ def test_eval_on_a_tiny_labelled_set(tmp_path):
 def test_class_count_that_does_not_fit_the_head_is_refused(tmp_path):
     root = tmp_path / "d"
     for c in range(3):
-        _png(root / str(c) / "a.png", np.zeros((8, 8, 3)))
+        write_png(root / str(c) / "a.png", np.zeros((8, 8, 3)))
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1,
                               embed_dim=16, num_heads=1, num_classes=2)
     with pytest.raises(ev.DataError, match="head has 2 classes"):
@@ -280,7 +253,7 @@ def tiny_graph(tmp_path_factory):
     from mame_export.job import run_export
     from mame_export.request import ExportRequest
 
-    spec = _tiny_spec("vit_t")
+    spec = tiny_model("vit_t")[1]
     out = tmp_path_factory.mktemp("graphs")
     req = ExportRequest(model=spec.alias, r=0.5, weights="random", out_dir=out,
                         parity_batches=1, seed=0, runners=("onnxrt",))
@@ -320,13 +293,11 @@ def test_graph_is_a_variant_scored_through_onnx_runtime(tiny_graph, data, tmp_pa
 
 
 @pytest.mark.slow
-def test_graph_with_other_inputs_is_one_line_exit_2(tiny_graph, data, capsys):
+def test_graph_with_other_inputs_is_one_line_exit_2(tiny_graph, data):
     _, onnx = tiny_graph  # takes pixels [B, 3, 64, 64]
-    rc = main(["eval", "vit_t", "--weights", "random", "--img-size", "32", "--data",
-               str(data / "images"), "--graph", onnx])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1
-    assert "takes pixels[B,3,64,64]; vit_t at size 32 takes pixels[B,3,32,32]" in err[0]
+    line = cli_error("eval", "vit_t", "--weights", "random", "--img-size", "32", "--data",
+                     str(data / "images"), "--graph", onnx, alone=True)
+    assert "takes pixels[B,3,64,64]; vit_t at size 32 takes pixels[B,3,32,32]" in line
 
 
 # ---- the command line ---------------------------------------------------------------------
@@ -336,7 +307,7 @@ def test_graph_with_other_inputs_is_one_line_exit_2(tiny_graph, data, capsys):
 def flat(tmp_path_factory):
     root = tmp_path_factory.mktemp("flat")
     for i in range(3):
-        _png(root / f"{i}.png", _stripes(bool(i % 2), i, size=32))
+        write_png(root / f"{i}.png", _stripes(bool(i % 2), i, size=32))
     return root
 
 
@@ -358,14 +329,6 @@ def test_eval_cli_json_and_plot_on_a_flat_folder(flat, tmp_path, capsys):
     assert plot.stat().st_size > 1000
 
 
-def _one_line(capsys, argv: list[str], code: int = 2) -> str:
-    rc = main(["eval", *argv])
-    captured = capsys.readouterr()
-    err = captured.err.strip().splitlines()
-    assert rc == code and len(err) == 1 and "Traceback" not in captured.err, captured.err
-    return err[0]
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--data", "{tmp}/none"], "not found"),
     (["--data", "{flat}", "--r", "1.5"], "--r must be in"),
@@ -380,16 +343,16 @@ def _one_line(capsys, argv: list[str], code: int = 2) -> str:
     (["--data", "{tmp}"], "no images"),
     ([], "--data DIR is needed"),
 ])
-def test_eval_cli_errors_are_one_line(tmp_path, flat, capsys, argv, message):
+def test_eval_cli_errors_are_one_line(tmp_path, flat, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{flat}", str(flat)) for a in argv]
-    assert message in _one_line(capsys, ["vit_t", "--weights", "random", *argv])
+    assert message in cli_error("eval", "vit_t", "--weights", "random", *argv, alone=True)
 
 
-def test_plot_through_a_file_is_refused_before_any_work(tmp_path, flat, capsys):
+def test_plot_through_a_file_is_refused_before_any_work(tmp_path, flat):
     (tmp_path / "afile").write_text("x")
     start = time.perf_counter()
-    line = _one_line(capsys, ["vit_t", "--weights", "random", "--data", str(flat), "--plot",
-                              str(tmp_path / "afile" / "x.png")])
+    line = cli_error("eval", "vit_t", "--weights", "random", "--data", str(flat), "--plot",
+                     str(tmp_path / "afile" / "x.png"), alone=True)
     assert "--plot" in line and "afile is not a folder" in line
     assert time.perf_counter() - start < 5.0  # no model was built
 

@@ -11,16 +11,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import cli_error, write_png
 from PIL import Image
 
-from mame_export.cli import main
 from mame_export.evaluate import data as ed
 from mame_export.evaluate import files as ef
-
-
-def _png(path, value=0, size=(8, 8)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((*size, 3), value, np.uint8)).save(path)
 
 
 def _as_tensor(im) -> torch.Tensor:
@@ -28,12 +23,9 @@ def _as_tensor(im) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, np.float32) / 255.0).permute(2, 0, 1)
 
 
-def _one_line_exit_2(capsys, argv) -> str:
-    rc = main(["eval", "vit_tiny_patch16_224", "--weights", "random", *argv])
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
+def _eval_error(*argv: str) -> str:
+    """The one error line of an eval of the random tiny timm ViT on ``argv``, exit 2."""
+    return cli_error("eval", "vit_tiny_patch16_224", "--weights", "random", *argv)
 
 
 # ---- class folders (item 7, 14) ---------------------------------------------------------
@@ -42,34 +34,34 @@ def _one_line_exit_2(capsys, argv) -> str:
 def test_empty_class_folder_is_refused_instead_of_shifting_the_labels(tmp_path):
     (tmp_path / "apple").mkdir()
     for i in range(3):
-        _png(tmp_path / "banana" / f"{i}.png")
-    _png(tmp_path / "cherry" / "0.png")
+        write_png(tmp_path / "banana" / f"{i}.png")
+    write_png(tmp_path / "cherry" / "0.png")
     with pytest.raises(ed.DataError, match=r"class folder .*apple holds no images"):
         ed.find_images(tmp_path)
 
 
-def test_empty_class_folder_is_one_line_exit_2_from_the_cli(tmp_path, capsys):
+def test_empty_class_folder_is_one_line_exit_2_from_the_cli(tmp_path):
     (tmp_path / "apple").mkdir()
-    _png(tmp_path / "banana" / "0.png")
-    assert "apple" in _one_line_exit_2(capsys, ["--data", str(tmp_path)])
+    write_png(tmp_path / "banana" / "0.png")
+    assert "apple" in _eval_error("--data", str(tmp_path))
 
 
 def test_class_with_images_only_in_sub_folders_is_refused(tmp_path):
-    _png(tmp_path / "cat" / "0.png")
-    _png(tmp_path / "dog" / "puppies" / "0.png")
+    write_png(tmp_path / "cat" / "0.png")
+    write_png(tmp_path / "dog" / "puppies" / "0.png")
     with pytest.raises(ed.DataError, match=r"dog holds no images directly.*puppies/"):
         ed.find_images(tmp_path)
 
 
 def test_images_beside_class_folders_are_refused_not_dropped(tmp_path):
-    _png(tmp_path / "cat" / "0.png")
-    _png(tmp_path / "stray.png")
+    write_png(tmp_path / "cat" / "0.png")
+    write_png(tmp_path / "stray.png")
     with pytest.raises(ed.DataError, match="holds both images .*stray.png"):
         ed.find_images(tmp_path)
 
 
 def test_a_flat_folder_ignores_sub_folders_without_images(tmp_path):
-    _png(tmp_path / "a.png")
+    write_png(tmp_path / "a.png")
     (tmp_path / "notes").mkdir()
     images = ed.find_images(tmp_path)
     assert images.labels is None and [p.name for p in images.paths] == ["a.png"]
@@ -78,21 +70,21 @@ def test_a_flat_folder_ignores_sub_folders_without_images(tmp_path):
 @pytest.mark.parametrize("names", [("3", "²"), ("5", "٣")])  # isdigit / isdecimal accept them
 def test_only_ascii_digit_folder_names_are_class_indices(tmp_path, names):
     for n in names:
-        _png(tmp_path / n / "0.png")
+        write_png(tmp_path / n / "0.png")
     images = ed.find_images(tmp_path)
     assert "sorted order" in images.mapping
     assert sorted(images.labels) == [0, 1] and images.class_names == tuple(sorted(names))
 
 
 def test_two_folders_naming_the_same_class_index_are_refused(tmp_path):
-    _png(tmp_path / "7" / "0.png")
-    _png(tmp_path / "007" / "0.png")
+    write_png(tmp_path / "7" / "0.png")
+    write_png(tmp_path / "007" / "0.png")
     with pytest.raises(ed.DataError, match="007/ and 7/ both name class 7"):
         ed.find_images(tmp_path)
 
 
 def test_hidden_files_and_special_files_are_skipped(tmp_path):
-    _png(tmp_path / "a.png")
+    write_png(tmp_path / "a.png")
     (tmp_path / "._a.png").write_bytes(b"AppleDouble resource fork")
     os.mkfifo(tmp_path / "pipe.png")  # opening it would block
     images = ed.find_images(tmp_path)
@@ -117,8 +109,8 @@ def _deny(monkeypatch, denied) -> None:
 
 @pytest.mark.parametrize("denied", ["", "cat"])
 def test_a_folder_that_cannot_be_listed_is_one_error_naming_it(tmp_path, monkeypatch, denied):
-    _png(tmp_path / "cat" / "0.png")
-    _png(tmp_path / "dog" / "0.png")
+    write_png(tmp_path / "cat" / "0.png")
+    write_png(tmp_path / "dog" / "0.png")
     _deny(monkeypatch, tmp_path / denied if denied else tmp_path)
     with pytest.raises(ed.DataError, match="permission denied") as info:
         ed.find_images(tmp_path)
@@ -138,13 +130,13 @@ def test_a_data_folder_that_cannot_be_reached_is_one_error(tmp_path, monkeypatch
         ed.find_images(tmp_path)
 
 
-def test_proc_is_refused_quickly(capsys):
+def test_proc_is_refused_quickly():
     start = time.monotonic()
     with pytest.raises(ed.DataError):
         ed.find_images("/proc")
     with pytest.raises(ed.DataError):
         ed.find_clips("/proc", 8)
-    _one_line_exit_2(capsys, ["--data", "/proc"])
+    _eval_error("--data", "/proc")
     assert time.monotonic() - start < 30
 
 
@@ -154,7 +146,7 @@ def test_proc_is_refused_quickly(capsys):
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
 def test_16_bit_grey_reads_as_its_8_bit_value_not_white(tmp_path, suffix):
     Image.fromarray(np.full((8, 8), 128 * 257, np.uint16)).save(tmp_path / f"g16{suffix}")
-    _png(tmp_path / "g8.png", 128)
+    write_png(tmp_path / "g8.png", 128)
     images = ed.find_images(tmp_path)
     assert [p.name for p in images.paths] == ["g16" + suffix, "g8.png"]
     b = next(ed.load_batches(images, _as_tensor, 2))
@@ -199,16 +191,15 @@ def test_decompression_bomb_is_one_data_error_stating_the_limit(bomb_folder):
 def test_an_image_over_the_limit_is_refused_before_decoding_without_a_warning(
         tmp_path, monkeypatch):
     monkeypatch.setattr(ef, "MAX_IMAGE_PIXELS", 1000)
-    _png(tmp_path / "big.png", size=(40, 40))
+    write_png(tmp_path / "big.png", size=(40, 40))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(ed.DataError, match=r"40x40 = 1,600 pixels"):
             ef.read_rgb(tmp_path / "big.png")
 
 
-def test_decompression_bomb_is_one_line_exit_2_from_the_cli(bomb_folder, capsys):
-    err = _one_line_exit_2(capsys, ["--data", str(bomb_folder), "--img-size", "32",
-                                    "--no-tome"])
+def test_decompression_bomb_is_one_line_exit_2_from_the_cli(bomb_folder):
+    err = _eval_error("--data", str(bomb_folder), "--img-size", "32", "--no-tome")
     assert "decompression bomb" in err
 
 
@@ -223,7 +214,7 @@ def test_a_corrupt_image_is_one_error_naming_it(tmp_path):
 
 def test_load_batches_streams_one_batch_at_a_time(tmp_path):
     for i in range(10):
-        _png(tmp_path / f"{i}.png", 10 * i)
+        write_png(tmp_path / f"{i}.png", 10 * i)
     calls = []
 
     def transform(im):
@@ -237,7 +228,7 @@ def test_load_batches_streams_one_batch_at_a_time(tmp_path):
 
 
 def test_a_bad_batch_size_is_refused_before_any_image_is_read(tmp_path):
-    _png(tmp_path / "a.png")
+    write_png(tmp_path / "a.png")
     with pytest.raises(ed.DataError, match="--batch must be"):
         ed.load_batches(ed.find_images(tmp_path), _as_tensor, 0)
 
@@ -252,7 +243,7 @@ def test_transform_from_matches_the_timm_data_config_transform(tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32)
     cfg = resolve_data_config({}, model=model)
     timm_tf = create_transform(**{**cfg, "input_size": (3, 32, 32)}, is_training=False)
-    _png(tmp_path / "a.png", size=(50, 70))
+    write_png(tmp_path / "a.png", size=(50, 70))
     im = ef.read_rgb(tmp_path / "a.png")
     ours = ed.transform_for(model)(im)
     assert ours.shape == (3, 32, 32)
@@ -274,7 +265,7 @@ def test_transform_from_refuses_bad_values():
 
 def _clip(folder, frames: int) -> None:
     for i in range(frames):
-        _png(folder / f"{i:03d}.png", 20 * i)
+        write_png(folder / f"{i:03d}.png", 20 * i)
 
 
 def test_unlabelled_clips_take_evenly_spaced_frames_and_batch_on_a_time_axis(tmp_path):
@@ -323,7 +314,7 @@ def test_clip_layout_errors_are_one_line(tmp_path, layout, message):
         if kind == "dir":
             (tmp_path / rel).mkdir(parents=True)
         else:
-            _png(tmp_path / rel)
+            write_png(tmp_path / rel)
     with pytest.raises(ed.DataError, match=message) as info:
         ed.find_clips(tmp_path, 1)
     assert "\n" not in str(info.value)
@@ -350,7 +341,7 @@ def test_latents_stream_in_batches_across_files(tmp_path):
 
 
 def test_a_folder_of_images_is_refused_for_a_unet(tmp_path):
-    _png(tmp_path / "a.png")
+    write_png(tmp_path / "a.png")
     with pytest.raises(ed.DataError, match=r"eval of a UNet takes latents \(.npy/.safetensors"
                                            r"\), not images"):
         ed.find_latents(tmp_path)

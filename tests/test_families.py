@@ -3,35 +3,15 @@ unchanged), plan, export, audit and parity. A new alias is tested the day it is 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
+from helpers import registry_params, tiny_model
 
 import mame_export
-from mame_export.families import all_families, get_family, registry, resolve
-from mame_export.families.base import Family, ModelSpec
+from mame_export.families import all_families, get_family, resolve
 from mame_export.job import build_model, io_spec, run_export
 from mame_export.patch import merge_plan
 from mame_export.request import ExportRequest
-
-_NEEDS = {"sd-unet": "diffusers", "transformers": "transformers"}
-
-
-def _entries() -> list:
-    out = []
-    for alias, spec in registry().items():
-        dep = _NEEDS.get(spec.family)
-        missing = dep is not None and importlib.util.find_spec(dep) is None
-        out.append(pytest.param(alias, id=alias, marks=pytest.mark.skipif(
-            missing, reason=f"{spec.family} needs {dep}")))
-    return out
-
-
-def _tiny(alias: str) -> tuple[Family, ModelSpec]:
-    spec = registry()[alias]
-    family = get_family(spec.family)
-    return family, family.tiny(spec)
 
 
 def _outputs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple:
@@ -40,9 +20,9 @@ def _outputs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
-@pytest.mark.parametrize("alias", _entries())
+@pytest.mark.parametrize("alias", registry_params())
 def test_r0_is_the_unpatched_model_and_the_plan_counts_tokens(alias):
-    family, spec = _tiny(alias)
+    family, spec = tiny_model(alias)
     model, source = build_model(spec, "random")
     assert source.startswith("random init")
     io = io_spec(spec, model, None)
@@ -65,9 +45,9 @@ def test_r0_is_the_unpatched_model_and_the_plan_counts_tokens(alias):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("alias", _entries())
+@pytest.mark.parametrize("alias", registry_params())
 def test_export_audit_and_parity(alias, tmp_path):
-    _, spec = _tiny(alias)
+    _, spec = tiny_model(alias)
     req = ExportRequest(model=spec.alias, r=0.5, weights="random", out_dir=tmp_path,
                         parity_batches=2, seed=0, runners=("onnxrt",))
     meta = run_export(req, log=lambda _: None, spec=spec)
@@ -95,12 +75,12 @@ def test_a_model_of_no_family_is_refused_in_one_line():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("alias", _entries())
+@pytest.mark.parametrize("alias", registry_params())
 def test_the_default_export_of_every_alias_passes(alias, tmp_path):
     """``mame-export ALIAS --weights random`` with every other setting at its default, on
     the tiny form, which keeps what the real model does that its graph could show (DINOv2:
     a position table built for another size than it runs at, too large to fold away)."""
-    _, spec = _tiny(alias)
+    _, spec = tiny_model(alias)
     req = ExportRequest(model=spec.alias, weights="random", out_dir=tmp_path)
     meta = run_export(req, log=lambda _: None, spec=spec)
     assert meta["audit"]["passed"], meta["audit"]["findings"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import onnx_model, vi
 from onnx import TensorProto, helper, numpy_helper
 
 from mame_export import audit as audit_mod
@@ -31,21 +32,9 @@ from mame_export.graph import (
 from mame_export.trt.support import trt_preflight
 
 
-def _vi(name: str, shape: list | None, t: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, t, shape)
-
-
-def _model(nodes, inputs, outputs, inits=(), functions=()) -> onnx.ModelProto:
-    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
-    imports = [helper.make_opsetid("", 18)]
-    if functions:
-        imports.append(helper.make_opsetid("local", 1))
-    return helper.make_model(g, opset_imports=imports, functions=list(functions))
-
-
 def _branch(name: str, op: str) -> onnx.GraphProto:
     return helper.make_graph([helper.make_node(op, ["x"], [f"{name}_y"], name=f"{name}_op")],
-                             name, [], [_vi(f"{name}_y", [2, 8])])
+                             name, [], [vi(f"{name}_y", [2, 8])])
 
 
 def nested_model() -> onnx.ModelProto:
@@ -63,8 +52,8 @@ def nested_model() -> onnx.ModelProto:
         helper.make_node("If", ["cond"], ["z"], name="branch",
                          then_branch=_branch("then", "Neg"), else_branch=_branch("else", "Abs")),
     ]
-    return _model(nodes, [_vi("x", [2, 8])], [_vi("t", [2, 8]), _vi("z", [2, 8])], [cond],
-                  [twice, unused])
+    return onnx_model(nodes, [vi("x", [2, 8])], [vi("t", [2, 8]), vi("z", [2, 8])], [cond],
+                      [twice, unused])
 
 
 # ------------------------------------------------------------------ the walker
@@ -99,7 +88,7 @@ def constant_model() -> onnx.ModelProto:
         helper.make_node("Reshape", ["y", "shape"], ["r"]),
     ]
     one = numpy_helper.from_array(np.array([1, 1], np.int64), "one")
-    return _model(nodes, [_vi("x", [2, 8])], [_vi("r", [4, 4])], [one])
+    return onnx_model(nodes, [vi("x", [2, 8])], [vi("r", [4, 4])], [one])
 
 
 def test_constant_analysis_kinds_and_values() -> None:
@@ -122,7 +111,7 @@ def test_constants_inside_a_function_are_scoped_and_joined_over_calls() -> None:
     seven = numpy_helper.from_array(np.array([7.0], np.float32), "seven")
     nodes = [helper.make_node("f", ["seven"], ["u"], domain="local"),
              helper.make_node("f", ["x"], ["v"], domain="local")]
-    c = Constants(_model(nodes, [_vi("x", [1])], [_vi("u", [1]), _vi("v", [1])], [seven], [fn]))
+    c = Constants(onnx_model(nodes, [vi("x", [1])], [vi("u", [1]), vi("v", [1])], [seven], [fn]))
     key = ("local", "f", "")
     assert c.is_initializer("k", key) and not c.is_initializer("k")  # scoped to the body
     assert c.kind("u") == CONST and c.kind("v") == DATA
@@ -145,8 +134,8 @@ def test_constants_check_hook_sees_what_a_loop_body_gives() -> None:
     body = helper.make_graph(
         [helper.make_node("Identity", ["c_in"], ["c_out"]),
          helper.make_node("Add", ["x", "x"], ["acc"])],
-        "body", [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL)],
-        [_vi("c_out", [], TensorProto.BOOL), _vi("acc", [2, 8])])
+        "body", [vi("i", [], TensorProto.INT64), vi("c_in", [], TensorProto.BOOL)],
+        [vi("c_out", [], TensorProto.BOOL), vi("acc", [2, 8])])
     inits = [helper.make_tensor("n", TensorProto.INT64, [], [3]),
              helper.make_tensor("yes", TensorProto.BOOL, [], [True])]
     loop = helper.make_node("Loop", ["n", "yes"], ["ys"], body=body)
@@ -156,7 +145,7 @@ def test_constants_check_hook_sees_what_a_loop_body_gives() -> None:
         seen[node.op_type] = (ins, bodies)
         return False
 
-    c = Constants(_model([loop], [_vi("x", [2, 8])], [_vi("ys", [3, 2, 8])], inits), check)
+    c = Constants(onnx_model([loop], [vi("x", [2, 8])], [vi("ys", [3, 2, 8])], inits), check)
     assert seen["Loop"] == ([CONST, CONST], [[SHAPE, DATA]])
     assert c.kind("i") == SHAPE and not c.is_constant("i")  # the iteration number
 
@@ -165,10 +154,10 @@ def test_constants_check_hook_sees_what_a_loop_body_gives() -> None:
 
 
 def test_io_types_precision_and_opset() -> None:
-    model = _model([helper.make_node("Relu", ["x"], ["y"])],
-                   [_vi("x", ["batch", 8], TensorProto.FLOAT16), _vi("w", [8])],
-                   [_vi("y", None, TensorProto.FLOAT16)],
-                   [numpy_helper.from_array(np.zeros(8, np.float16), "w")])
+    model = onnx_model([helper.make_node("Relu", ["x"], ["y"])],
+                       [vi("x", ["batch", 8], TensorProto.FLOAT16), vi("w", [8])],
+                       [vi("y", None, TensorProto.FLOAT16)],
+                       [numpy_helper.from_array(np.zeros(8, np.float16), "w")])
     (x,) = graph_inputs(model)  # the initializer listed as an input is not a real input
     assert (x.name, x.dtype, x.shape, x.dynamic_batch) == ("x", "FLOAT16", ("batch", 8), True)
     (y,) = graph_outputs(model)
@@ -194,14 +183,14 @@ def test_hash_of_the_file_and_load_errors(tmp_path: Path) -> None:
 
 def test_audit_and_preflight_report_the_same_finding_type() -> None:
     topk = helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1, name="topk")
-    model = _model([topk], [_vi("x", [2, 8])], [_vi("v", [2, 2])],
-                   [helper.make_tensor("k", TensorProto.INT64, [1], [2])])
+    model = onnx_model([topk], [vi("x", [2, 8])], [vi("v", [2, 2])],
+                       [helper.make_tensor("k", TensorProto.INT64, [1], [2])])
     (forbidden,) = audit_mod.forbidden_ops(model)
     assert isinstance(forbidden, Finding) and forbidden.kind == "forbidden-op"
     assert str(forbidden) == "[forbidden-op] (TopK topk) data-dependent op in a graph that " \
                              "must be static"
-    det = _model([helper.make_node("Det", ["m"], ["d"], name="det")],
-                 [_vi("m", [3, 3])], [_vi("d", [])])
+    det = onnx_model([helper.make_node("Det", ["m"], ["d"], name="det")],
+                     [vi("m", [3, 3])], [vi("d", [])])
     (trt,) = trt_preflight(det)
     assert isinstance(trt, Finding) and trt.kind == "tensorrt"
     assert str(trt).startswith("[tensorrt] (Det det) ")

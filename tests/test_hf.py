@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from helpers import tiny_model
 
 transformers = pytest.importorskip("transformers")
 
 import mame_export  # noqa: E402
 from mame_export.errors import CheckpointError  # noqa: E402
-from mame_export.families import get_family, registry  # noqa: E402
-from mame_export.families.base import UnsupportedModelError, with_kwargs  # noqa: E402
+from mame_export.families import get_family  # noqa: E402
+from mame_export.families.base import UnsupportedModelError  # noqa: E402
 from mame_export.families.transformers import patch as hf_patch  # noqa: E402
 from mame_export.families.transformers.configs import VIDEOMAE_L  # noqa: E402
 from mame_export.families.transformers.encoders import (  # noqa: E402
@@ -222,12 +223,6 @@ def test_layers_out_of_range_are_refused():
 # ---- the family: aliases, wrappers, the LLaVA tower, checkpoints -----------------------------
 
 
-def _tiny(alias: str, **kwargs):  # noqa: ANN202
-    family = get_family("transformers")
-    spec = family.tiny(registry()[alias])
-    return family, with_kwargs(spec, spec.alias, **kwargs) if kwargs else spec
-
-
 def test_aliases_and_capabilities():
     family = get_family("transformers")
     specs = {s.alias: s for s in family.entries()}
@@ -247,7 +242,7 @@ def test_aliases_and_capabilities():
 
 
 def test_video_wrapper_takes_channels_first_clips():
-    family, spec = _tiny("videomae_l")
+    family, spec = tiny_model("videomae_l")
     model, _ = family.build(spec, "random", None)
     io = family.io_spec(spec, model, None)
     (clip,) = io.make_inputs(2, torch.Generator().manual_seed(0))
@@ -261,7 +256,7 @@ def test_video_wrapper_takes_channels_first_clips():
 
 
 def test_llava_tower_returns_second_to_last_patch_tokens_and_sizes():
-    family, spec = _tiny("clip_l336", llava=True)
+    family, spec = tiny_model("clip_l336", llava=True)
     tower, _ = family.build(spec, "random", None)
     assert isinstance(tower, LlavaVisionTower)
     io = family.io_spec(spec, tower, None)
@@ -279,13 +274,13 @@ def test_llava_tower_returns_second_to_last_patch_tokens_and_sizes():
     assert feats.shape == (2, 8, 32) and sizes.shape == (2, 8, 1)
     assert sizes.dtype == torch.float32 and float(sizes.sum()) == 2 * 16
     with pytest.raises(UnsupportedModelError, match="CLIP"):
-        family.build(_tiny("dinov2_s", llava=True)[1], "random", None)
+        family.build(tiny_model("dinov2_s", llava=True)[1], "random", None)
 
 
 def test_checkpoints_load_strictly(tmp_path):
     from safetensors.torch import save_file
 
-    family, spec = _tiny("clip_l336")
+    family, spec = tiny_model("clip_l336")
     model, _ = family.build(spec, "random", None)
     file = tmp_path / "tower.safetensors"
     save_file(model.model.state_dict(), str(file))
@@ -311,10 +306,10 @@ def test_checkpoints_load_strictly(tmp_path):
 
 
 def test_fixed_size_models_refuse_other_image_sizes():
-    family, spec = _tiny("siglip2_b_512_hf")
+    family, spec = tiny_model("siglip2_b_512_hf")
     with pytest.raises(UnsupportedModelError, match="img-size"):
         family.build(spec, "random", 32)
-    family, spec = _tiny("dinov2_s")
+    family, spec = tiny_model("dinov2_s")
     model, _ = family.build(spec, "random", 24)
     assert family.io_spec(spec, model, 24).make_inputs(1, torch.Generator())[0].shape[-1] == 24
 

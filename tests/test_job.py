@@ -1,9 +1,11 @@
-"""The one resolved job: settings checked once, defaults filled, and the export job's
-dynamic batch (issue 24 item 5) and held-signal imports (item 20)."""
+"""The one resolved job: settings checked once (layers, opsets, the mode), defaults filled,
+r without effect warned, and the export job's dynamic batch (issue 24 item 5) and
+held-signal imports (item 20). Sections name the issue and item a test comes from."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import export_args, one_line_error, run_main
 
 from mame_export.errors import UserError
 from mame_export.request import ExportRequest, Job, resolve_job
@@ -53,6 +56,68 @@ def test_several_rs_checked() -> None:
     assert resolve_job(ExportRequest(model="vit_t"), rs=[0.25, 0.5]).rs == (0.25, 0.5)
     with pytest.raises(UserError, match="needs at least one value"):
         resolve_job(ExportRequest(model="vit_t"), rs=[])
+
+
+def test_adaptive_mode_refuses_export() -> None:
+    with pytest.raises(UserError, match="--mode static"):
+        ExportRequest(model="vit_t", mode="adaptive").validate()
+
+
+# ---------------------------------------------------------------- issue 12 item 6: layers, r
+
+
+@pytest.mark.parametrize("layers, needle", [
+    ("7-0", "runs backwards"), ("", "--layers is empty"), ("5--3", "bad --layers '5--3'"),
+    ("-2", "bad --layers"), ("0,,2", "bad --layers"),
+])
+def test_6_bad_layer_lists_are_refused(tmp_path, layers, needle) -> None:
+    out = tmp_path / "g"
+    code, _, err = run_main(*export_args(out), f"--layers={layers}")
+    assert code == 2
+    one_line_error(err, needle)
+    assert not out.exists()
+
+
+def test_6_r_without_effect_is_warned() -> None:
+    code, _, err = run_main("plan", "vit_t", "--img-size", "16", "--r", "0.5")
+    assert code == 0
+    assert "warning: r=0.5 has no effect" in err
+    code, _, err = run_main("plan", "vit_t", "--r", "0.5")
+    assert code == 0 and "no effect" not in err
+
+
+# ---------------------------------------------------------------- issue 12 items 7, 8: opsets
+
+
+@pytest.mark.parametrize("opset", ["17", "23", "16", "99"])
+def test_7_8_opsets_outside_the_tested_range_are_refused(tmp_path, opset) -> None:
+    out = tmp_path / "g"
+    code, _, err = run_main(*export_args(out), "--opset", opset)
+    assert code == 2
+    one_line_error(err, "--opset must be in [18, 22]")
+    assert not out.exists()
+
+
+def _advertised_opsets() -> list[int]:
+    from mame_export.request import OPSETS
+
+    return list(range(OPSETS[0], OPSETS[1] + 1))
+
+
+@pytest.mark.parametrize("opset", _advertised_opsets())
+def test_7_8_every_advertised_opset_exports_and_runs(tmp_path, opset) -> None:
+    code, stdout, err = run_main(*export_args(tmp_path, "--json"), "--opset", str(opset))
+    assert code == 0, err
+    meta = json.loads(stdout)
+    graph = onnx.load(meta["onnx"])
+    real = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    assert real == opset == meta["settings"]["opset"]
+    assert "Attention" not in {n.op_type for n in graph.graph.node}
+    assert meta["parity"]["passed"] and meta["audit"]["passed"]
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- the export job
 
 
 def test_dynamic_batch_graph_is_dynamic_and_checked_at_several_batches(tmp_path) -> None:

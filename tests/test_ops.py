@@ -25,15 +25,7 @@ from mame_export.ops import (
     size_aware_similarity,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from threads, and on a busy small CPU the thread
-    # pool's hand-offs cost more than the work itself.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest.py)
 
 
 # Bounded and deadline-free: the CPU is small and shared.

@@ -1,15 +1,15 @@
 """Parity verdicts: element bounds, cosine, top-1 on decisive samples; runners run in their
 life cycle, then outputs are compared by name; a selection flip must be shown (the merge
-decisions differ) and is bounded; the sidecar is not trusted for the graph's precision.
+decisions differ) and is bounded; NaN never passes; the sidecar is not trusted for the
+graph's precision, and one of another graph or with impossible settings is refused.
 
 Hostile graphs are made here by editing exported ones with onnx, never committed."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import one_line_error, run_main
 from onnx import TensorProto, helper, numpy_helper
 
-from mame_export.cli import main
 from mame_export.export import export_onnx
 from mame_export.ops import mame_step
 from mame_export.parity import (
@@ -95,6 +95,14 @@ def test_the_flip_allowance_is_a_stated_fraction_of_the_samples():
     text = MERGED.describe()
     assert "in at most 5% of the samples (at least 1)" in text
     assert "merge decisions that differ from the reference's" in text
+
+
+def test_9_nan_outputs_never_pass() -> None:
+    ref = np.ones((2, 5), dtype=np.float32)
+    nan = np.full((2, 5), np.nan, dtype=np.float32)
+    for a, b in ((ref, nan), (nan, nan), (nan, ref)):
+        s = compare_outputs("logits", a, b, TOLERANCES["fp32"])
+        assert not s.passed and s.nonfinite and np.isnan(s.cosine)
 
 
 # ---- runners that do as told: the run step, the comparison by name, flips ---------------
@@ -320,23 +328,9 @@ def test_a_genuine_flip_passes_and_a_systematic_error_does_not(merge_graph):
 
 # ---- the CLI on hostile copies of an exported tiny ViT -----------------------------------
 
-TINY = ["vit_tiny_patch16_224", "--img-size", "32", "--weights", "random"]
-
-
-def run_main(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_vit")
-    code, stdout, err = run_main(*TINY, "--out", str(out), "--parity-batches", "1",
-                                 "--seed", "0", "--json")
-    assert code == 0, err
-    return Path(json.loads(stdout)["onnx"])
+def tiny_vit(tiny_export: dict) -> Path:
+    return Path(tiny_export["onnx"])
 
 
 def hostile_copy(graph: Path, name: str, edit: Callable[[onnx.ModelProto], None] | None = None,
@@ -402,9 +396,7 @@ def test_the_precision_comes_from_the_graph_not_the_sidecar(tiny_vit):
     graph = hostile_copy(tiny_vit, "claims_fp16", sidecar=claim_fp16)
     code, _, err = run_main("parity", str(graph), "--runners", "onnxrt")
     assert code == 2
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("mame-export:")]
-    assert len(lines) == 1 and "Traceback" not in err
-    assert "records precision fp16, but claims_fp16.onnx is a fp32 graph" in lines[0]
+    one_line_error(err, "records precision fp16, but claims_fp16.onnx is a fp32 graph")
 
 
 @pytest.mark.slow
@@ -415,3 +407,56 @@ def test_an_extra_output_fails_by_name(tiny_vit):
     assert code == 1, err
     onnxrt = json.loads(out)["runners"][0]
     assert onnxrt["status"] == "failed" and "extra best" in onnxrt["reason"]
+
+
+# ---- sidecars that do not fit the graph (issue 12 items 1, 13) ---------------------------
+
+
+def test_1_parity_refuses_a_sidecar_of_another_graph(tiny_export, tmp_path) -> None:
+    graph = tmp_path / "other.onnx"
+    model = onnx.load(tiny_export["onnx"])
+    model.doc_string = "another graph"
+    onnx.save(model, str(graph))
+    graph.with_suffix(".json").write_text(Path(tiny_export["metadata_path"]).read_text())
+    code, _, err = run_main("parity", str(graph), "--runners", "onnxrt")
+    assert code == 2
+    one_line_error(err, "belongs to another graph")
+
+
+def test_1_parity_accepts_the_graphs_own_sidecar(tiny_export) -> None:
+    code, _, err = run_main("parity", tiny_export["onnx"], "--runners", "onnxrt",
+                            "--parity-batches", "1")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("kind", ["binary", "folder", "not-an-object", "impossible-r",
+                                  "impossible-batch", "impossible-precision", "wrong-types"])
+def test_13_bad_sidecars(tiny_export, tmp_path, kind) -> None:
+    graph = tmp_path / "g.onnx"
+    os.link(tiny_export["onnx"], graph)
+    sidecar = graph.with_suffix(".json")
+    meta = json.loads(Path(tiny_export["metadata_path"]).read_text())
+    needle = "impossible settings"
+    if kind == "binary":
+        sidecar.write_bytes(os.urandom(512) + b"\xff\xfe")
+        needle = "not JSON text"
+    elif kind == "folder":
+        sidecar.mkdir()
+        needle = "is a folder, not a file"
+    elif kind == "not-an-object":
+        sidecar.write_text("[1, 2]")
+        needle = "not a JSON object"
+    else:
+        if kind == "impossible-r":
+            meta["settings"]["r"] = 5
+        elif kind == "impossible-batch":
+            meta["settings"]["batch"] = -3
+        elif kind == "impossible-precision":
+            meta["settings"]["precision"] = "fp8"
+        else:
+            meta["settings"] = {**meta["settings"], "layers": "all", "r": "half"}
+            needle = "unreadable metadata sidecar"
+        sidecar.write_text(json.dumps(meta))
+    code, _, err = run_main("parity", str(graph), "--runners", "onnxrt")
+    assert code == 2, err
+    one_line_error(err, needle)

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers import one_line_error, tiny_vit
 from timm.models.vision_transformer import VisionTransformer
 
 import mame_export
@@ -19,12 +20,6 @@ from mame_export.families import all_families, family_for_model, get_family, res
 from mame_export.families.base import Patcher, UnsupportedModelError
 from mame_export.patch import R_TOP, merge_plan, solve_r
 from mame_export.plan import MAX_TOKENS
-
-
-def tiny_vit(**kw) -> VisionTransformer:
-    args = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=7)
-    torch.manual_seed(0)
-    return VisionTransformer(**{**args, **kw}).eval()
 
 
 def skeleton(alias: str, img_size: int | None = None) -> torch.nn.Module:
@@ -40,13 +35,6 @@ def skeleton(alias: str, img_size: int | None = None) -> torch.nn.Module:
     model = get_family(spec.family).skeleton(spec, img_size)
     assert model is not None
     return model
-
-
-def assert_one_line_error(err: str, needle: str) -> None:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("mame-export:")]
-    assert len(lines) == 1, err
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in err
 
 
 # ---- the same numbers as before ---------------------------------------------------------
@@ -180,11 +168,11 @@ def test_an_input_too_large_is_refused_in_one_line_before_any_build(monkeypatch,
 
     monkeypatch.setattr(type(get_family("timm-vit")), "build", no_build)
     assert main(["plan", "vit_t", "--img-size", "65536"]) == 2
-    assert_one_line_error(capsys.readouterr().err,
+    one_line_error(capsys.readouterr().err,
                           "--img-size 65536 is too large for vit_t: 16777217 tokens per block")
     assert main(["export", "vit_t", "--img-size", "2048"]) == 2
     err = capsys.readouterr().err
-    assert_one_line_error(err, f"at most {MAX_TOKENS} tokens per block")
+    one_line_error(err, f"at most {MAX_TOKENS} tokens per block")
     assert "use --img-size 2032 or less" in err
 
 

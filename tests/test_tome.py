@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_vit
 from timm.models.vision_transformer import VisionTransformer
 
 import mame_export
@@ -18,13 +19,6 @@ from mame_export.baselines import (
 )
 
 N_PATCHES = 64  # 32 px / 4 px patches
-
-
-def tiny_vit(**kw) -> VisionTransformer:
-    torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
-    args.update(kw)
-    return VisionTransformer(**args).eval()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import onnx_model, vi
 from onnx import TensorProto, helper, numpy_helper
 
 from mame_export.artifacts import sha256_file
@@ -600,28 +601,19 @@ def test_preflight_flags_an_op_tensorrt_lacks() -> None:
     assert not support.support_table()["ops"]["Det"]["supported"]  # as the real list says
 
 
-def _single_node_model(node: onnx.NodeProto, inputs: list, outputs: list,
-                       inits: list | None = None, opset: int = 20) -> onnx.ModelProto:
-    graph = helper.make_graph([node], "one", inputs, outputs, inits or [])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-
-
-def vi(name: str, dtype: int, shape: list) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, dtype, shape)
-
-
 def test_preflight_flags_unsupported_dtypes() -> None:
     i32 = TensorProto.INT32
-    model = _single_node_model(helper.make_node("MatMul", ["a", "b"], ["c"], name="mm"),
-                               [vi("a", i32, [2, 2]), vi("b", i32, [2, 2])], [vi("c", i32, [2, 2])])
+    model = onnx_model([helper.make_node("MatMul", ["a", "b"], ["c"], name="mm")],
+                       [vi("a", [2, 2], i32), vi("b", [2, 2], i32)], [vi("c", [2, 2], i32)],
+                       opset=20)
     messages = [f.message for f in trt_preflight(model)]
     assert len(messages) == 3 and all("INT32" in m for m in messages)
 
 
 def test_preflight_casts_double_down_like_the_parser() -> None:
     d = TensorProto.DOUBLE
-    model = _single_node_model(helper.make_node("Add", ["a", "b"], ["c"], name="add"),
-                               [vi("a", d, [2]), vi("b", d, [2])], [vi("c", d, [2])])
+    model = onnx_model([helper.make_node("Add", ["a", "b"], ["c"], name="add")],
+                       [vi("a", [2], d), vi("b", [2], d)], [vi("c", [2], d)], opset=20)
     assert trt_preflight(model) == []
 
 
@@ -629,18 +621,18 @@ def test_preflight_flags_restrictions() -> None:
     f = TensorProto.FLOAT
     cases = [
         (helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="rm"),
-         [vi("x", f, [2, 3]), vi("axes", TensorProto.INT64, [1])], "must be an initializer"),
+         [vi("x", [2, 3], f), vi("axes", [1], TensorProto.INT64)], "must be an initializer"),
         (helper.make_node("TopK", ["x", "k"], ["v", "i"], sorted=0, name="topk"),
-         [vi("x", f, [2, 3]), vi("k", TensorProto.INT64, [1])], "sorted=0"),
+         [vi("x", [2, 3], f), vi("k", [1], TensorProto.INT64)], "sorted=0"),
         (helper.make_node("LayerNormalization", ["x", "s"], ["y", "mean"], name="ln"),
-         [vi("x", f, [2, 3]), vi("s", f, [3])], "only the first 1 output"),
+         [vi("x", [2, 3], f), vi("s", [3], f)], "only the first 1 output"),
         (helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2], name="pool1d"),
-         [vi("x", f, [1, 2, 8])], "rank 3"),
+         [vi("x", [1, 2, 8], f)], "rank 3"),
         (helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="cubic", name="rs"),
-         [vi("x", f, [1, 1, 4, 4]), vi("scales", f, [4])], "mode='cubic'"),
+         [vi("x", [1, 1, 4, 4], f), vi("scales", [4], f)], "mode='cubic'"),
     ]
     for node, inputs, needle in cases:
-        model = _single_node_model(node, inputs, [])
+        model = onnx_model([node], inputs, [], opset=20)
         messages = [x.message for x in trt_preflight(model)]
         assert any(needle in m for m in messages), (node.op_type, messages)
 
@@ -648,11 +640,11 @@ def test_preflight_flags_restrictions() -> None:
 def test_preflight_flags_custom_domain_and_old_opsets() -> None:
     f = TensorProto.FLOAT
     node = helper.make_node("FastGelu", ["x"], ["y"], domain="com.microsoft", name="fg")
-    model = _single_node_model(node, [vi("x", f, [2])], [vi("y", f, [2])])
+    model = onnx_model([node], [vi("x", [2], f)], [vi("y", [2], f)], opset=20)
     model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     assert [x.op_type for x in trt_preflight(model)] == ["FastGelu"]
-    old = _single_node_model(helper.make_node("Relu", ["x"], ["y"]), [vi("x", f, [2])],
-                             [vi("y", f, [2])], opset=8)
+    old = onnx_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2], f)],
+                     [vi("y", [2], f)], opset=8)
     assert [x.op_type for x in trt_preflight(old)] == ["opset"]
 
 

@@ -1,4 +1,6 @@
-"""Issue 24: hostile graphs the audit used to pass or crash on (items 1, 2, 5, 18).
+"""The audit: ops a static graph must not hold, shapes the input's values decide, function
+overloads, deep nesting, a dynamic batch axis, and the `audit` command on files it cannot
+read. Sections name the issue and item a test comes from.
 
 Each hostile graph is a small fixture built here with onnx.helper. A value "from data" is
 Cast(ReduceMax(x)): an integer that only the input's values decide.
@@ -6,37 +8,19 @@ Cast(ReduceMax(x)): an integer that only the input's values decide.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from helpers import int64s, one_line_error, onnx_model, run_cli, run_main, vi
 from onnx import TensorProto, helper, numpy_helper
 
 from mame_export.audit import audit, value_shaped_inputs
-from mame_export.cli import main
 from mame_export.graph import Constants, walk
 
 FLAGS = [(), ("--no-tensorrt",)]
-
-
-def _vi(name: str, shape: list | None, t: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, t, shape)
-
-
-def _int(name: str, values: list[int], shape: list[int] | None = None) -> onnx.TensorProto:
-    return helper.make_tensor(name, TensorProto.INT64, [len(values)] if shape is None else shape,
-                              values)
-
-
-def _model(nodes, inputs, outputs, inits=(), functions=(), opset=18,
-           domains=()) -> onnx.ModelProto:
-    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
-    imports = [helper.make_opsetid("", opset), *(helper.make_opsetid(d, v) for d, v in domains)]
-    return helper.make_model(g, opset_imports=imports, functions=list(functions), ir_version=10)
 
 
 def _from_data(x: str = "x", out: str = "n") -> list[onnx.NodeProto]:
@@ -49,25 +33,136 @@ def _from_data(x: str = "x", out: str = "n") -> list[onnx.NodeProto]:
 def _audit(tmp_path: Path, model: onnx.ModelProto, *flags: str) -> tuple[int, dict]:
     path = tmp_path / "g.onnx"
     onnx.save(model, str(path))
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["audit", str(path), "--json", *flags])
-    assert "Traceback" not in err.getvalue() and "internal error" not in err.getvalue(), err
-    return code, json.loads(out.getvalue())
+    code, out, err = run_main("audit", str(path), "--json", *flags)
+    assert "Traceback" not in err and "internal error" not in err, err
+    return code, json.loads(out)
 
 
 def _forbidden(rep: dict) -> list[tuple[str, str]]:
     return [(f["op"], f["why"]) for f in rep["forbidden_ops"]]
 
 
-# ---------------------------------------------------------------- 1. function overloads
+# ---------------------------------------------------------------- the audit command
+
+
+def test_audit_flags_forbidden_ops(tmp_path: Path) -> None:
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [3])
+    nodes = [
+        helper.make_node("TopK", ["x", "k"], ["vals", "idx"], axis=1, name="topk"),
+        helper.make_node("Gather", ["x", "idx"], ["picked"], axis=0, name="gather_computed"),
+    ]
+    path = tmp_path / "bad.onnx"
+    onnx.save(onnx_model(nodes, [vi("x", [2, 8])],
+                         [vi("vals", [2, 3]), vi("picked", [2, 3, 8])], [k]), str(path))
+    res = run_cli("audit", str(path), "--json")
+    assert res.returncode == 1
+    report = json.loads(res.stdout)
+    ops = sorted(f["op"] for f in report["forbidden_ops"])
+    assert ops == ["Gather", "TopK"]
+
+
+def test_audit_accepts_gather_with_constant_indices(tmp_path: Path) -> None:
+    idx = helper.make_tensor("idx", TensorProto.INT64, [2], [0, 3])
+    node = helper.make_node("Gather", ["x", "idx"], ["y"], axis=0, name="gather_const")
+    path = tmp_path / "ok.onnx"
+    onnx.save(onnx_model([node], [vi("x", [4, 8])], [vi("y", [2, 8])], [idx]), str(path))
+    assert run_main("audit", str(path))[0] == 0
+
+
+def test_audit_bad_files(tmp_path: Path) -> None:
+    code, _, err = run_main("audit", str(tmp_path / "missing.onnx"))
+    assert code != 0
+    one_line_error(err, "not found")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\xffnot a model" * 10)
+    code, _, err = run_main("audit", str(garbage))
+    assert code != 0
+    one_line_error(err, "cannot read ONNX graph")
+
+
+def test_14_empty_graph_file(tmp_path) -> None:
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    code, _, err = run_main("audit", str(empty))
+    assert code == 2
+    one_line_error(err, "is empty (0 bytes)")
+
+
+def test_5_exported_mame_graph_still_passes(tiny_export) -> None:
+    assert tiny_export["audit"]["passed"] and tiny_export["audit"]["forbidden_ops"] == []
+
+
+# ---------------------------------------------------------------- issue 12 item 5: hidden ops
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_5_topk_inside_a_model_local_function(tmp_path, flags) -> None:
+    k = helper.make_node("Constant", [], ["k"], value=helper.make_tensor("kv", TensorProto.INT64,
+                                                                         [1], [2]))
+    fn = helper.make_function("local", "pick", ["x"], ["v"],
+                              [k, helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1)],
+                              [helper.make_opsetid("", 18)])
+    call = helper.make_node("pick", ["x"], ["y"], domain="local", name="call")
+    code, rep = _audit(tmp_path, onnx_model([call], [vi("x", [2, 8])], [vi("y", [2, 2])],
+                                            functions=[fn]), *flags)
+    assert code == 1 and "TopK" in {f["op"] for f in rep["forbidden_ops"]}, rep["findings"]
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_5_nms_and_compress(tmp_path, flags) -> None:
+    boxes, scores = vi("boxes", [1, 10, 4]), vi("scores", [1, 1, 10])
+    nms = helper.make_node("NonMaxSuppression", ["boxes", "scores"], ["sel"], name="nms")
+    code, rep = _audit(tmp_path, onnx_model([nms], [boxes, scores],
+                                            [vi("sel", None, TensorProto.INT64)]), *flags)
+    assert code == 1 and {f["op"] for f in rep["forbidden_ops"]} == {"NonMaxSuppression"}
+    x, cond = vi("x", [4, 3]), vi("c", [4], TensorProto.BOOL)
+    comp = helper.make_node("Compress", ["x", "c"], ["y"], axis=0, name="compress")
+    code, rep = _audit(tmp_path, onnx_model([comp], [x, cond], [vi("y", None)]), *flags)
+    assert code == 1 and {f["op"] for f in rep["forbidden_ops"]} == {"Compress"}
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_5_slice_whose_start_is_computed_from_data(tmp_path, flags) -> None:
+    x = vi("x", [1, 16])
+    inits = [helper.make_tensor("ends", TensorProto.INT64, [1], [16]),
+             helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("one", TensorProto.INT64, [1], [1])]
+    nodes = [
+        helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+        helper.make_node("Cast", ["m"], ["mi"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["mi", "one"], ["start"]),
+        helper.make_node("Slice", ["x", "start", "ends", "axes"], ["y"], name="slice_by_data"),
+    ]
+    code, rep = _audit(tmp_path, onnx_model(nodes, [x], [vi("y", None)], inits), *flags)
+    assert code == 1, rep
+    assert [(f["op"], f["node"]) for f in rep["forbidden_ops"]] == [("Slice", "slice_by_data")]
+
+
+def test_5_shapes_from_shape_ops_are_fine(tmp_path) -> None:
+    # dynamic batch: Reshape to (Shape(x)[0], -1) depends on the input's shape, not its values
+    x = vi("x", ["batch", 4, 4])
+    inits = [helper.make_tensor("minus1", TensorProto.INT64, [1], [-1]),
+             helper.make_tensor("s0", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("s1", TensorProto.INT64, [1], [1])]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shp"]),
+        helper.make_node("Slice", ["shp", "s0", "s1"], ["b"]),
+        helper.make_node("Concat", ["b", "minus1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+    ]
+    code, rep = _audit(tmp_path, onnx_model(nodes, [x], [vi("y", ["batch", 16])], inits),
+                       "--no-tensorrt")
+    assert code == 0, rep["findings"]
+
+
+# ---------------------------------------------------------------- issue 24 item 1: overloads
 
 OPSET = [helper.make_opsetid("", 18)]
 
 
 def _overloads(called: str, bad_first: bool) -> onnx.ModelProto:
     """evil::F overload "good" (Relu) and "bad" (TopK); the graph calls overload ``called``."""
-    k = helper.make_node("Constant", [], ["k"], value=_int("kv", [2]))
+    k = helper.make_node("Constant", [], ["k"], value=int64s("kv", [2]))
     good = helper.make_function("evil", "F", ["a"], ["b"],
                                 [helper.make_node("Relu", ["a"], ["b"])], OPSET, overload="good")
     bad = helper.make_function("evil", "F", ["a"], ["b"],
@@ -75,8 +170,8 @@ def _overloads(called: str, bad_first: bool) -> onnx.ModelProto:
                                OPSET, overload="bad")
     call = helper.make_node("F", ["x"], ["y"], domain="evil", name="call")
     call.overload = called
-    return _model([call], [_vi("x", [2, 8])], [_vi("y", None)],
-                  functions=[bad, good] if bad_first else [good, bad], domains=[("evil", 1)])
+    return onnx_model([call], [vi("x", [2, 8])], [vi("y", None)],
+                      functions=[bad, good] if bad_first else [good, bad], domains=[("evil", 1)])
 
 
 @pytest.mark.parametrize("flags", FLAGS)
@@ -116,9 +211,9 @@ def test_1_walk_keys_functions_by_overload() -> None:
     assert sites[0].calls == ("evil", "F", "bad") and sites[3].where == "F[good]/"
 
 
-# ---------------------------------------------------------------- 2. shapes decided by data
+# ---------------------------------------------------------------- issue 24 item 2: shapes by data
 
-ONE = _int("one", [1])
+ONE = int64s("one", [1])
 
 
 def _loop(cond_from_data: bool, body_cond_from_data: bool) -> onnx.ModelProto:
@@ -130,15 +225,15 @@ def _loop(cond_from_data: bool, body_cond_from_data: bool) -> onnx.ModelProto:
     else:
         body_nodes.append(helper.make_node("Identity", ["c_in"], ["c_out"]))
     body = helper.make_graph(
-        body_nodes, "body", [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL)],
-        [_vi("c_out", [], TensorProto.BOOL), _vi("acc", [2, 8])])
+        body_nodes, "body", [vi("i", [], TensorProto.INT64), vi("c_in", [], TensorProto.BOOL)],
+        [vi("c_out", [], TensorProto.BOOL), vi("acc", [2, 8])])
     nodes = [helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
              helper.make_node("Greater", ["m", "zero"], ["data_cond"]),
              helper.make_node("Loop", ["trips", "data_cond" if cond_from_data else "yes"],
                               ["ys"], body=body, name="loop")]
-    inits = [_int("trips", [3], []), helper.make_tensor("yes", TensorProto.BOOL, [], [True]),
+    inits = [int64s("trips", [3], []), helper.make_tensor("yes", TensorProto.BOOL, [], [True]),
              numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
-    return _model(nodes, [_vi("x", [2, 8])], [_vi("ys", [3, 2, 8])], inits)
+    return onnx_model(nodes, [vi("x", [2, 8])], [vi("ys", [3, 2, 8])], inits)
 
 
 @pytest.mark.parametrize("flags", FLAGS)
@@ -160,28 +255,28 @@ def test_2_loop_with_a_constant_trip_count_and_condition_is_fine(tmp_path) -> No
 
 
 def _window(op: str) -> tuple[list, list, list, int]:
-    return [helper.make_node(op, ["n"], ["y"], name="w")], [_vi("x", [2, 8])], [_vi("y", None)], 17
+    return [helper.make_node(op, ["n"], ["y"], name="w")], [vi("x", [2, 8])], [vi("y", None)], 17
 
 
 def _dft() -> tuple[list, list, list, int]:
-    signal = _vi("s", [1, 8, 1])
-    return ([helper.make_node("DFT", ["s", "n", ""], ["y"], name="w")], [signal, _vi("x", [2, 8])],
-            [_vi("y", None)], 20)
+    signal = vi("s", [1, 8, 1])
+    return ([helper.make_node("DFT", ["s", "n", ""], ["y"], name="w")], [signal, vi("x", [2, 8])],
+            [vi("y", None)], 20)
 
 
 def _mel() -> tuple[list, list, list, int]:
     consts = [helper.make_node("Constant", [], [name], value=t) for name, t in (
-        ("dft", _int("dv", [16], [])), ("rate", _int("rv", [8000], [])),
+        ("dft", int64s("dv", [16], [])), ("rate", int64s("rv", [8000], [])),
         ("lo", numpy_helper.from_array(np.array(0.0, np.float32))),
         ("hi", numpy_helper.from_array(np.array(4000.0, np.float32))))]
     mel = helper.make_node("MelWeightMatrix", ["n", "dft", "rate", "lo", "hi"], ["y"], name="w")
-    return [*consts, mel], [_vi("x", [2, 8])], [_vi("y", None)], 17
+    return [*consts, mel], [vi("x", [2, 8])], [vi("y", None)], 17
 
 
 def _affine_grid() -> tuple[list, list, list, int]:
     size = helper.make_node("Concat", ["one", "one", "n1", "n1"], ["size"], axis=0)
     grid = helper.make_node("AffineGrid", ["theta", "size"], ["y"], name="w")
-    return [size, grid], [_vi("theta", [1, 2, 3]), _vi("x", [2, 8])], [_vi("y", None)], 20
+    return [size, grid], [vi("theta", [1, 2, 3]), vi("x", [2, 8])], [vi("y", None)], 20
 
 
 @pytest.mark.parametrize("flags", FLAGS)
@@ -196,31 +291,31 @@ def _affine_grid() -> tuple[list, list, list, int]:
 def test_2_window_dft_mel_and_grid_sizes_from_data(tmp_path, flags, build, op, pos,
                                                    name) -> None:
     nodes, inputs, outputs, opset = build()
-    model = _model([*_from_data(), *nodes], inputs, outputs, [ONE], opset=opset)
+    model = onnx_model([*_from_data(), *nodes], inputs, outputs, [ONE], opset=opset)
     code, rep = _audit(tmp_path, model, *flags)
     assert code == 1 and _forbidden(rep) == [
         (op, f"input {pos} ('{name}') is computed from data, so the output shape depends on "
              "input values")]
     # the same op with a constant size is fine
-    consts = [helper.make_node("Constant", [], ["n"], value=_int("nv", [8], [])),
-              helper.make_node("Constant", [], ["n1"], value=_int("n1v", [8]))]
-    code, rep = _audit(tmp_path, _model([*consts, *nodes], inputs, outputs, [ONE],
-                                        opset=opset), "--no-tensorrt")
+    consts = [helper.make_node("Constant", [], ["n"], value=int64s("nv", [8], [])),
+              helper.make_node("Constant", [], ["n1"], value=int64s("n1v", [8]))]
+    code, rep = _audit(tmp_path, onnx_model([*consts, *nodes], inputs, outputs, [ONE],
+                                            opset=opset), "--no-tensorrt")
     assert rep["forbidden_ops"] == [], rep["findings"]
 
 
 @pytest.mark.parametrize("flags", FLAGS)
 @pytest.mark.parametrize("node,inputs", [
-    (helper.make_node("SplitToSequence", ["x"], ["y"], name="op"), [_vi("x", [2, 8])]),
+    (helper.make_node("SplitToSequence", ["x"], ["y"], name="op"), [vi("x", [2, 8])]),
     (helper.make_node("StringSplit", ["s"], ["y", "count"], name="op"),
-     [_vi("s", [2], TensorProto.STRING)]),
+     [vi("s", [2], TensorProto.STRING)]),
     (helper.make_node("ImageDecoder", ["png"], ["y"], name="op"),
-     [_vi("png", [64], TensorProto.UINT8)]),
+     [vi("png", [64], TensorProto.UINT8)]),
 ])
 def test_2_ops_whose_output_shape_the_values_decide(tmp_path, flags, node, inputs) -> None:
     y = helper.make_tensor_sequence_value_info("y", TensorProto.FLOAT, None) \
-        if node.op_type == "SplitToSequence" else _vi("y", None, TensorProto.UINT8)
-    code, rep = _audit(tmp_path, _model([node], inputs, [y], opset=20), *flags)
+        if node.op_type == "SplitToSequence" else vi("y", None, TensorProto.UINT8)
+    code, rep = _audit(tmp_path, onnx_model([node], inputs, [y], opset=20), *flags)
     assert code == 1 and _forbidden(rep) == [
         (node.op_type, "data-dependent op in a graph that must be static")]
 
@@ -229,8 +324,8 @@ def test_2_ops_whose_output_shape_the_values_decide(tmp_path, flags, node, input
 def test_2_array_feature_extractor_with_computed_indices(tmp_path, flags) -> None:
     afe = helper.make_node("ArrayFeatureExtractor", ["x", "n1"], ["y"], domain="ai.onnx.ml",
                            name="afe")
-    model = _model([*_from_data(), afe], [_vi("x", [2, 8])], [_vi("y", None)], [ONE],
-                   domains=[("ai.onnx.ml", 3)])
+    model = onnx_model([*_from_data(), afe], [vi("x", [2, 8])], [vi("y", None)], [ONE],
+                       domains=[("ai.onnx.ml", 3)])
     code, rep = _audit(tmp_path, model, *flags)
     assert code == 1 and _forbidden(rep) == [
         ("ArrayFeatureExtractor", "indices 'n1' are computed at run time")]
@@ -238,7 +333,7 @@ def test_2_array_feature_extractor_with_computed_indices(tmp_path, flags) -> Non
 
 def _custom() -> onnx.ModelProto:
     magic = helper.make_node("Magic", ["x"], ["y"], domain="com.acme", name="magic")
-    return _model([magic], [_vi("x", [2, 8])], [_vi("y", [2, 8])], domains=[("com.acme", 1)])
+    return onnx_model([magic], [vi("x", [2, 8])], [vi("y", [2, 8])], domains=[("com.acme", 1)])
 
 
 @pytest.mark.parametrize("flags", FLAGS)
@@ -286,21 +381,21 @@ def test_2_schema_derived_shape_inputs_cover_the_old_table() -> None:
     assert value_shaped_inputs("com.acme", "Magic", 1) == {}
 
 
-# ---------------------------------------------------------------- 18. deep nesting
+# ---------------------------------------------------------------- issue 24 item 18: deep nesting
 
 
 def _nested_calls(depth: int) -> onnx.ModelProto:
     """local::f0 calls f1 ... calls f{depth-1}, which holds a TopK."""
     imports = [*OPSET, helper.make_opsetid("local", 1)]
-    k = helper.make_node("Constant", [], ["k"], value=_int("kv", [2]))
+    k = helper.make_node("Constant", [], ["k"], value=int64s("kv", [2]))
     deepest = [k, helper.make_node("TopK", ["a", "k"], ["b", "i"], axis=1, name="deep_topk")]
     functions = [helper.make_function(
         "local", f"f{i}", ["a"], ["b"],
         [helper.make_node(f"f{i + 1}", ["a"], ["b"], domain="local")] if i + 1 < depth
         else deepest, imports) for i in range(depth)]
     call = helper.make_node("f0", ["x"], ["y"], domain="local", name="call")
-    return _model([call], [_vi("x", [2, 8])], [_vi("y", [2, 2])], functions=functions,
-                  domains=[("local", 1)])
+    return onnx_model([call], [vi("x", [2, 8])], [vi("y", [2, 2])], functions=functions,
+                      domains=[("local", 1)])
 
 
 @pytest.mark.parametrize("depth", [500, 5000])
@@ -321,8 +416,8 @@ def test_18_a_function_called_twice_at_each_level_is_analysed_once_per_kind() ->
          helper.make_node(f"f{i + 1}", ["t"], ["b"], domain="local")] if i + 1 < depth
         else [helper.make_node("Relu", ["a"], ["b"], name="leaf")], imports)
         for i in range(depth)]
-    model = _model([helper.make_node("f0", ["x"], ["y"], domain="local")], [_vi("x", [2, 8])],
-                   [_vi("y", [2, 8])], functions=functions, domains=[("local", 1)])
+    model = onnx_model([helper.make_node("f0", ["x"], ["y"], domain="local")], [vi("x", [2, 8])],
+                       [vi("y", [2, 8])], functions=functions, domains=[("local", 1)])
     seen: list[str] = []
 
     def check(node: onnx.NodeProto, ins: list[int], bodies: list[list[int]], where: str) -> bool:
@@ -333,12 +428,12 @@ def test_18_a_function_called_twice_at_each_level_is_analysed_once_per_kind() ->
     assert seen == ["Relu"]
 
 
-# ---------------------------------------------------------------- 5. a dynamic batch axis
+# ---------------------------------------------------------------- issue 24 item 5: dynamic batch
 
 
 def _relu(batch: int | str) -> onnx.ModelProto:
-    return _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [batch, 8])],
-                  [_vi("y", [batch, 8])])
+    return onnx_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [batch, 8])],
+                      [vi("y", [batch, 8])])
 
 
 def test_5_expect_dynamic_batch_flags_a_fixed_batch(tmp_path) -> None:
@@ -356,8 +451,8 @@ def test_5_expect_dynamic_batch_flags_a_fixed_batch(tmp_path) -> None:
 
 
 def test_5_expect_dynamic_batch_wants_a_named_dim(tmp_path) -> None:
-    model = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [None, 8])],
-                   [_vi("y", [None, 8])])
+    model = onnx_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [None, 8])],
+                       [vi("y", [None, 8])])
     onnx.save(model, str(tmp_path / "g.onnx"))
     report = audit(tmp_path / "g.onnx", expect_dynamic_batch=True, tensorrt=False)
     assert [str(f) for f in report.findings] == [
