@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mame_export.cli.common import add_model_command, float_list, int_list, name_list, parse_layers
+from mame_export.cli.plotpath import check_plot_path
 from mame_export.errors import UserError
 
 if TYPE_CHECKING:  # mame_export.profile imports torch: it loads when the command runs
@@ -84,26 +84,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --markdown: merge into the existing PAGE.json, keeping its rows "
                         "of the (model, backend, batch) groups this run does not measure")
     p.set_defaults(run=run)
-
-
-def check_plot_path(path: str, flag: str = "--plot", needs_matplotlib: bool = True) -> None:
-    """Refuse, before any timing, an output PATH that cannot be written (or matplotlib
-    missing): the run takes minutes and its table must not be lost at the end."""
-    import importlib.util
-
-    from mame_export.artifacts import check_out_dir
-
-    p = Path(path)
-    if os.path.isdir(p):
-        raise UserError(f"{flag} {path} is a folder; give a file path")
-    if os.path.exists(p) and not os.access(p, os.W_OK):
-        raise UserError(f"{flag} {path} cannot be replaced (permission denied)")
-    try:
-        check_out_dir(p.parent if str(p.parent) else Path("."))
-    except UserError as e:
-        raise UserError(f"{flag} {path}: {e}") from None
-    if needs_matplotlib and importlib.util.find_spec("matplotlib") is None:
-        raise UserError("--plot needs matplotlib: pip install 'mame-export[plot]'")
 
 
 def timing_settings(args: argparse.Namespace) -> TimingSettings:
