@@ -44,6 +44,11 @@ class Interrupted(KeyboardInterrupt):
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+def stderr_log(msg: str) -> None:
+    """A progress line, on stderr (stdout stays for --json)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 def warn(msg: str) -> None:
     """A warning for the user, on stderr (stdout stays for --json)."""
     print(f"warning: {msg}", file=sys.stderr)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from mame_export.artifacts import (
 )
 from mame_export.audit import audit
 from mame_export.checkpoints import state_dict_sha256
-from mame_export.errors import check_file, warn
+from mame_export.errors import check_file, stderr_log, warn
 from mame_export.export import export_onnx, reduced_precision_copy
 from mame_export.families import IOSpec, ModelSpec, build_model, get_family
 from mame_export.parity import ParityReport, check_parity, tolerance_for
@@ -57,10 +56,6 @@ __all__ = ["Built", "ExportRequest", "Job", "build", "build_model", "build_patch
            "parity_for_graph", "request_spec", "resolve_job", "run_export", "versions"]
 
 Log = Callable[[str], None]
-
-
-def stderr_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def graph_stem(spec: ModelSpec, job: Job | ExportRequest) -> str:

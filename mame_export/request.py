@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import torch.nn as nn
 
 from mame_export import settings
-from mame_export.errors import UserError, warn
+from mame_export.errors import UserError, stderr_log, warn
 from mame_export.families import Family, IOSpec, ModelSpec, get_family, resolve
 from mame_export.families.base import UnsupportedModelError, with_kwargs
 from mame_export.patch import DEFAULT_TAU, MODES, apply, merge_plan, solve_r
@@ -32,11 +31,6 @@ from mame_export.plan import MergePlan
 from mame_export.settings import MAX_BATCH, OPSETS  # noqa: F401 - re-exported
 
 Log = Callable[[str], None]
-
-
-def stderr_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 # The batch sizes a dynamic-batch graph is checked at (parity), besides its largest one.
 DYNAMIC_PARITY_BATCHES = (1, 3)
@@ -116,15 +110,6 @@ class Job:
         return self.rs[0]
 
     @property
-    def model_name(self) -> str:
-        return self.spec.alias
-
-    @property
-    def size(self) -> int:
-        """The input size the model runs at (pixels, or latent cells for UNets)."""
-        return self.img_size or self.spec.img_size
-
-    @property
     def dtype(self) -> Any:
         from mame_export.export import DTYPES
 
@@ -149,18 +134,6 @@ class Job:
         """This job with what building the model settled: solved rs and the IO spec."""
         return replace(self, rs=tuple(rs) if rs is not None else self.rs,
                        solved=self.solved or rs is not None, io=io or self.io)
-
-    def as_request(self) -> ExportRequest:
-        """The settings as a request (what a sidecar records and parity rebuilds from)."""
-        return ExportRequest(
-            model=self.model, r=self.r,
-            target_macs=None, tau=self.tau,
-            layers=None if self.layers is None else list(self.layers), mode=self.mode,
-            prop_attn=self.prop_attn, batch=self.batch, dynamic_batch=self.dynamic_batch,
-            img_size=self.img_size, weights=self.weights, opset=self.opset,
-            precision=self.precision, out_dir=self.out_dir,
-            parity_batches=self.parity_batches, seed=self.seed, runners=self.runners,
-            llava=self.llava, trt=self.trt, engines_dir=self.engines_dir, threads=self.threads)
 
 
 def check_settings(req: ExportRequest, export: bool = True, check_opset: bool = True) -> None:

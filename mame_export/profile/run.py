@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from mame_export.artifacts import clean_stale_dirs, tmp_prefix
-from mame_export.errors import UserError
+from mame_export.errors import UserError, stderr_log
 from mame_export.export import PRECISIONS
 from mame_export.families import IOSpec
 from mame_export.profile.graphs import (
@@ -62,10 +61,6 @@ BACKENDS = RUNNER_NAMES
 # a killed run left (artifacts.clean_stale_dirs).
 PROFILE_TMP_PREFIX = "mame-profile-"
 Log = Callable[[str], None]
-
-
-def stderr_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def default_threads() -> int:
