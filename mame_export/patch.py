@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
 from mame_export.errors import warn
 from mame_export.plan import MergePlan, check_ratio, check_target_macs, check_tau
+
+if TYPE_CHECKING:
+    from mame_export.planfile import PlanFile
 
 MODES = ("static", "adaptive")
 DEFAULT_TAU = {"static": 1.0, "adaptive": 0.8}  # per mode; see apply's tau
@@ -32,6 +37,7 @@ def apply(
     layers: list[int] | None = None,
     prop_attn: bool = True,
     mode: str = "static",
+    plan: PlanFile | str | Path | None = None,
     **family_options: object,
 ) -> nn.Module:
     """Patch ``model`` in place with MaMe and return it.
@@ -48,12 +54,26 @@ def apply(
         prop_attn: add log(token size) to attention logits (proportional attention).
         mode: "static" (fixed shapes, exportable) or "adaptive" (the paper's
             retention of distinctive tokens; eager only, data-dependent count).
+        plan: a plan file (``mame-export tune``; a path or a read
+            :class:`~mame_export.planfile.PlanFile`): its tokens per block, similarity,
+            proportional attention and tau replace ``r``, ``layers``, ``prop_attn`` and
+            ``tau``. Refused (PlanFileError) unless made for this model's family,
+            structure, input size and weights.
         **family_options: options only one family knows, e.g. for diffusers UNets
-            ``merge_crossattn``, ``merge_mlp`` and ``latent_size``.
+            ``merge_crossattn``, ``merge_mlp`` and ``latent_size``; for ViT-like
+            encoders ``schedule`` (explicit keep counts per block) and ``similarity``.
 
     The merge plan is computed here, once, and stored on the model; read it
     with :func:`merge_plan`.
     """
+    if plan is not None:
+        from mame_export.planfile import as_plan_file, check_plan_for_model
+
+        plan = as_plan_file(plan)
+        check_plan_for_model(plan, model)
+        settings = plan.apply_kwargs()
+        tau, prop_attn, layers, r = settings.pop("tau"), settings.pop("prop_attn"), None, 0.0
+        family_options = {**family_options, **settings}
     check_ratio(r)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")

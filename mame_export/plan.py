@@ -59,6 +59,7 @@ class BlockSettings:
     r: float = 0.0  # UNet: fraction merged before the self-attention
     merge_crossattn: bool = False  # UNet: also run the cross-attention on merged tokens
     merge_mlp: bool = False  # UNet: also run the feed-forward on merged tokens
+    similarity: str = "size"  # how a step compares tokens (settings.SIMILARITIES)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,11 @@ class MergePlan:
     keep_counts: tuple[int | None, ...] = ()
     """Per block: the mergeable tokens it keeps, None where it does not merge. What the
     patched forward runs (see :meth:`keep_counts_for`)."""
+    similarity: str = "size"
+    """How each step compares tokens (settings.SIMILARITIES)."""
+    explicit: bool = False
+    """The keep counts were given (a plan file: ``mame-export tune``), not derived from
+    r over the merge layers; r is then what they amount to."""
 
     @property
     def merge_layers(self) -> list[int]:
@@ -94,6 +100,8 @@ class MergePlan:
         ``torch.compile`` folds into constants (the stored tuple never traces r)."""
         if num_patches == self.num_patches:
             return self.keep_counts
+        if self.explicit:  # the same fractions of another count
+            return scaled_schedule(self.keep_counts, self.num_patches, num_patches)
         return keep_schedule(num_patches, self.r, self.schedule_layers, len(self.blocks))
 
     @property
@@ -125,10 +133,12 @@ class MergePlan:
         return d
 
     def table(self) -> str:
+        given = ", schedule from a plan file" if self.explicit else ""
+        sim = f", similarity={self.similarity}" if self.similarity != "size" else ""
         lines = [
             f"{'ToMe' if self.family == 'tome' else 'MaMe'} plan ({self.family}, mode={self.mode}, "
             f"r={self.r:g}, tau={self.tau:g}, "
-            f"prop_attn={self.prop_attn}): {self.num_patches} patches"
+            f"prop_attn={self.prop_attn}{sim}{given}): {self.num_patches} patches"
             f" + {self.num_protected} protected",
             " block  tokens in  tokens out  keep",
         ]
@@ -180,6 +190,48 @@ def keep_schedule(num_patches: int, r: float, merge_layers: Sequence[int],
     out = token_counts(num_patches, r, list(merge_layers), depth)
     prev = [num_patches, *out[:-1]]
     return tuple(n if n < p else None for n, p in zip(out, prev, strict=True))
+
+
+def scaled_schedule(keep: Sequence[int | None], num_patches: int,
+                    other: int) -> tuple[int | None, ...]:
+    """An explicit keep schedule made for ``num_patches`` tokens, carried to ``other``
+    tokens: each block keeps the same fraction (at least 1, never more than it gets).
+    Plain arithmetic, like :func:`token_counts`."""
+    out: list[int | None] = []
+    n = other
+    for k in keep:
+        if k is None:
+            out.append(None)
+            continue
+        m = max(1, min(n, round(other * k / num_patches)))
+        out.append(m if m < n else None)
+        n = m
+    return tuple(out)
+
+
+def check_schedule(keep: Sequence[int | None], tokens: Sequence[int],
+                   restores: bool = False) -> tuple[int | None, ...]:
+    """An explicit keep schedule (one entry per block: the mergeable tokens it keeps, or
+    None where it does not merge) checked against the tokens each block gets; ValueError
+    names the first bad block. A count equal to what the block gets is a block that does
+    not merge (None)."""
+    if len(keep) != len(tokens):
+        raise ValueError(f"the schedule has {len(keep)} entries; the model has "
+                         f"{len(tokens)} blocks")
+    out: list[int | None] = []
+    n = tokens[0] if tokens else 0
+    for i, (k, n_block) in enumerate(zip(keep, tokens, strict=True)):
+        if restores:
+            n = n_block
+        if k is None:
+            out.append(None)
+            continue
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise ValueError(f"block {i} of the schedule keeps {k!r} tokens; it gets {n}, so "
+                             f"it keeps 1 to {n} (or null: no merge)")
+        out.append(k if k < n else None)
+        n = k
+    return tuple(out)
 
 
 def block_plans(tokens: Sequence[int], protected: int, keep: Sequence[int | None],
@@ -261,17 +313,28 @@ def check_block_tokens(tokens: int) -> None:
 
 def build_plan(hooks: PlanHooks, model: Any, r: float, tau: float, layers: Sequence[int] | None,
                prop_attn: bool, mode: str, size: Size | None = None,
+               schedule: Sequence[int | None] | None = None, similarity: str = "size",
                **options: Any) -> MergePlan:
     """The merge plan of ``model`` (patched or not) at input ``size`` (None: its own),
-    from the family's ``hooks``: tokens per block, keep schedule, MACs, notes."""
+    from the family's ``hooks``: tokens per block, keep schedule, MACs, notes.
+
+    ``schedule``: explicit keep counts per block (a plan file's), instead of r over
+    ``layers`` (both are then ignored: r becomes what the schedule amounts to)."""
     check_ratio(r)
     check_tau(tau)
+    _library_check(settings.check_similarity, similarity, "similarity")
     tokens = hooks.block_tokens(model, size)
     protected = hooks.protected(model)
     check_block_tokens(max(tokens, default=0) + protected)
-    chosen = merge_layers_or_default(layers, len(tokens), hooks.default_layers)
-    keep = hooks.keep_counts(tokens, r, chosen)
+    if schedule is not None:
+        keep = check_schedule(schedule, tokens, hooks.restores)
+        chosen = [i for i, k in enumerate(keep) if k is not None]
+    else:
+        chosen = merge_layers_or_default(layers, len(tokens), hooks.default_layers)
+        keep = hooks.keep_counts(tokens, r, chosen)
     blocks = block_plans(tokens, protected, keep, hooks.restores)
+    if schedule is not None and tokens:
+        r = 1.0 - (blocks[-1].tokens_out - protected) / tokens[0]
     unpatched = block_plans(tokens, protected, (None,) * len(tokens), hooks.restores)
     notes = []
     if mode == "adaptive":
@@ -285,6 +348,7 @@ def build_plan(hooks: PlanHooks, model: Any, r: float, tau: float, layers: Seque
         macs=int(hooks.macs(model, size, blocks, True, **options)),
         macs_unpatched=int(hooks.macs(model, size, unpatched, False, **options)),
         notes=tuple(notes), schedule_layers=tuple(chosen), keep_counts=tuple(keep),
+        similarity=similarity, explicit=schedule is not None,
     )
 
 

@@ -28,6 +28,7 @@ from mame_export.families import Family, IOSpec, ModelSpec, get_family, resolve
 from mame_export.families.base import UnsupportedModelError, with_kwargs
 from mame_export.patch import DEFAULT_TAU, MODES, apply, merge_plan, solve_r
 from mame_export.plan import MergePlan
+from mame_export.planfile import PlanFile
 from mame_export.settings import MAX_BATCH, OPSETS  # noqa: F401 - re-exported
 
 Log = Callable[[str], None]
@@ -62,6 +63,12 @@ class ExportRequest:
     trt: Any = None  # mame_export.trt.engine.EngineOptions when an engine is wanted
     engines_dir: Path = Path("engines")
     threads: int | None = None  # CPU threads for PyTorch and ONNX Runtime (None: all)
+    # A plan file (path or mame_export.planfile.PlanFile, from ``mame-export tune``): its
+    # tokens per block, similarity, tau and proportional attention replace r, layers, tau
+    # and prop_attn (eval and profile: it is one more variant beside the uniform ones).
+    plan: Any = None
+    calib: Path | None = None  # calibration images of a quantized graph (--calib DIR)
+    calib_method: str = "minmax"  # mame_export.settings.CALIB_METHODS
 
     def validate(self, export: bool = True, check_opset: bool = True) -> None:
         """One-line UserErrors for bad settings, before any work; ``export=False`` allows
@@ -104,6 +111,12 @@ class Job:
     export: bool  # a graph will be made (adaptive mode refused, exportable structure)
     io: IOSpec | None = field(default=None, compare=False)  # known once the model is built
     solved: bool = False  # rs come from target_macs and were solved on the model
+    plan_file: PlanFile | None = None  # a tuned schedule (mame-export tune)
+    # True (eval, profile): the plan file is a variant of its own and rs / tau / layers /
+    # prop_attn are the uniform plans it is compared with; False: it is the job's schedule.
+    plan_is_variant: bool = False
+    calib: Path | None = None  # calibration images (quantized precisions)
+    calib_method: str = "minmax"
 
     @property
     def r(self) -> float:
@@ -115,11 +128,27 @@ class Job:
 
         return DTYPES[self.precision]
 
-    def patch_settings(self) -> dict[str, Any]:
-        """The keyword arguments of ``mame_export.apply`` for this job (r aside)."""
-        return dict(tau=self.tau, layers=None if self.layers is None else list(self.layers),
-                    prop_attn=self.prop_attn, mode=self.mode,
-                    **self.family.patch_options(self.spec, self.img_size))
+    @property
+    def tuned(self) -> bool:
+        """The job's own schedule comes from a plan file (export, plan, parity)."""
+        return self.plan_file is not None and not self.plan_is_variant
+
+    def patch_settings(self, uniform: bool = False) -> dict[str, Any]:
+        """The keyword arguments of ``mame_export.apply`` for this job (r aside): the plan
+        file's schedule when the job is :attr:`tuned` (``uniform``: the uniform plan's)."""
+        out = dict(tau=self.tau, layers=None if self.layers is None else list(self.layers),
+                   prop_attn=self.prop_attn, mode=self.mode,
+                   **self.family.patch_options(self.spec, self.img_size))
+        if self.tuned and not uniform:
+            assert self.plan_file is not None
+            out.update(self.plan_file.apply_kwargs(), layers=None)
+        return out
+
+    def plan_variant_settings(self) -> dict[str, Any]:
+        """``apply``'s keyword arguments for the plan file's variant (eval, profile)."""
+        assert self.plan_file is not None
+        return dict(mode="static", **self.family.patch_options(self.spec, self.img_size),
+                    **self.plan_file.apply_kwargs())
 
     def parity_batch_sizes(self) -> tuple[int, ...]:
         """The batch of each parity input set: the static batch, or, for a dynamic-batch
@@ -155,7 +184,8 @@ def check_settings(req: ExportRequest, export: bool = True, check_opset: bool = 
         raise UserError(f"--layers must be block indices >= 0; got {req.layers}")
     if req.batch is not None:
         settings.check_batch(req.batch)
-    settings.check_precision(req.precision)
+    settings.check_graph_precision(req.precision)
+    settings.check_calib_options(req.precision, req.calib, req.calib_method)
     if check_opset:
         settings.check_opset(req.opset)
     settings.check_positive_size(req.img_size)
@@ -187,7 +217,8 @@ def request_spec(req: ExportRequest, spec: ModelSpec) -> ModelSpec:
     return with_kwargs(spec, spec.alias, llava=True)
 
 
-def preflight(spec: ModelSpec, family: Family, req: ExportRequest, export: bool) -> None:
+def preflight(spec: ModelSpec, family: Family, req: ExportRequest, export: bool,
+              plan_file: PlanFile | None = None) -> None:
     """What can be refused from the model's structure alone, refused in a moment and
     before any weights are built, read or downloaded: other families and blocks, hybrid
     ViTs for export, input sizes off the patch grid or too large, layers out of range."""
@@ -203,18 +234,25 @@ def preflight(spec: ModelSpec, family: Family, req: ExportRequest, export: bool)
         apply(skel, req.r if req.target_macs is None else 0.0, tau=req.tau,
               layers=req.layers, prop_attn=req.prop_attn, mode=req.mode,
               **family.patch_options(spec, req.img_size))
+        if plan_file is not None:  # its schedule fits the model's blocks (no weights yet)
+            schedule = plan_file.apply_kwargs()
+            apply(skel, 0.0, tau=schedule.pop("tau"), prop_attn=schedule.pop("prop_attn"),
+                  **family.patch_options(spec, req.img_size), **schedule)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
 
 
 def resolve_job(req: ExportRequest, export: bool = True, spec: ModelSpec | None = None,
                 rs: Sequence[float] | None = None,
-                target_macs: Sequence[float] | None = None) -> Job:
+                target_macs: Sequence[float] | None = None,
+                plan_is_variant: bool = False) -> Job:
     """Check ``req`` once and resolve it into a :class:`Job` (see the module docstring).
 
     ``spec`` overrides the registry's entry for ``req.model`` (tests' tiny models);
     ``rs`` / ``target_macs``: several ratios (eval, profile) instead of ``req.r`` /
-    ``req.target_macs``."""
+    ``req.target_macs``. ``plan_is_variant`` (eval, profile): ``req.plan`` is compared with
+    the uniform plans (by default the one at its own MACs budget) instead of being the job's
+    schedule."""
     if rs is not None:
         rs = settings.check_rs(rs)
     if target_macs is not None:
@@ -224,23 +262,55 @@ def resolve_job(req: ExportRequest, export: bool = True, spec: ModelSpec | None 
     check_settings(req, export=export)
     spec = request_spec(req, spec or resolve(req.model))
     family = get_family(spec.family)
-    preflight(spec, family, req, export)
+    plan_file = None
+    if req.plan is not None:
+        plan_file, req = resolve_plan_file(req, spec, family, plan_is_variant)
+        if plan_is_variant and rs is None and target_macs is None:
+            target_macs = [plan_file.target_macs]  # compared at its own budget
+    preflight(spec, family, req, export, plan_file)
     targets = (tuple(target_macs) if target_macs is not None
                else (req.target_macs,) if req.target_macs is not None else None)
+    tuned = plan_file is not None and not plan_is_variant
     return Job(
         model=req.model, spec=spec, family=family,
-        rs=tuple(rs) if rs is not None else (float(req.r),),
+        rs=(plan_file.r,) if tuned and plan_file is not None else
+        tuple(rs) if rs is not None else (float(req.r),),
         target_macs=targets,
-        tau=DEFAULT_TAU[req.mode] if req.tau is None else float(req.tau),
+        tau=plan_file.tau if tuned and plan_file is not None else
+        DEFAULT_TAU[req.mode] if req.tau is None else float(req.tau),
         layers=None if req.layers is None else tuple(sorted(set(req.layers))),
-        prop_attn=bool(req.prop_attn), mode=req.mode,
+        prop_attn=plan_file.prop_attn if tuned and plan_file is not None else
+        bool(req.prop_attn), mode=req.mode,
         batch=req.batch if req.batch is not None else spec.default_batch,
         dynamic_batch=bool(req.dynamic_batch), img_size=req.img_size, weights=req.weights,
         precision=req.precision, opset=req.opset, out_dir=Path(req.out_dir),
         parity_batches=req.parity_batches, seed=req.seed, runners=tuple(req.runners),
         trt=req.trt, engines_dir=Path(req.engines_dir), llava=bool(req.llava), threads=req.threads,
-        export=export,
+        export=export, plan_file=plan_file, plan_is_variant=plan_is_variant,
+        calib=None if req.calib is None else Path(req.calib), calib_method=req.calib_method,
     )
+
+
+def resolve_plan_file(req: ExportRequest, spec: ModelSpec, family: Family,
+                      plan_is_variant: bool) -> tuple[PlanFile, ExportRequest]:
+    """``req.plan`` read and checked against the model's name and input size (its weights
+    are checked once built), and ``req`` with the plan's input size when none was given."""
+    from mame_export.planfile import as_plan_file
+
+    plan_file = as_plan_file(req.plan)
+    plan_file.check_model_name(spec.source_name, spec.family, spec.alias)
+    if req.img_size is not None:
+        plan_file.check_img_size(req.img_size)
+    if req.mode != "static":
+        raise UserError("a plan file holds a static schedule: drop --mode adaptive")
+    if not plan_is_variant:
+        given = [flag for flag, v in (("--target-macs", req.target_macs),
+                                      ("--layers", req.layers), ("--tau", req.tau))
+                 if v is not None] + ([] if req.prop_attn else ["--no-prop-attn"])
+        if given:
+            raise UserError(f"--plan fixes the tokens per block, tau and proportional "
+                            f"attention: drop {', '.join(given)}")
+    return plan_file, replace(req, img_size=plan_file.img_size)
 
 
 def settings_tag(job: Job | ExportRequest) -> str:
@@ -255,6 +325,8 @@ def settings_tag(job: Job | ExportRequest) -> str:
            "opset": job.opset}
     if job.llava:  # only when set, so the names of earlier graphs stay the same
         key["llava"] = True
+    if isinstance(job, Job) and job.tuned and job.plan_file is not None:
+        key["plan"] = job.plan_file.digest()
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -276,7 +348,7 @@ def solve_rs(job: Job, model: nn.Module, log: Log) -> list[float]:
     rs = []
     for target in job.target_macs or ():
         try:
-            r = solve_r(base, target, **job.patch_settings())
+            r = solve_r(base, target, **job.patch_settings(uniform=True))
         except (ValueError, TypeError) as e:
             raise UserError(str(e)) from None
         log(f"      MACs ratio {target:g} -> r = {r:g}")
@@ -291,6 +363,10 @@ def build(job: Job, log: Log = stderr_log, patch: bool = True) -> Built:
     log(f"building {spec.alias} ({spec.source_name}), weights: {job.weights}")
     model, source = job.family.build(spec, job.weights, job.img_size)
     job.family.check(model, spec.alias, job.img_size, job.export)
+    if job.plan_file is not None:  # made for these weights? (name and size: resolve_job)
+        from mame_export.planfile import weights_sha256
+
+        job.plan_file.check_weights(weights_sha256(model), source)
     if job.target_macs is not None and not job.solved:
         job = job.with_model(rs=solve_rs(job, model, log))
     job = job.with_model(io=job.family.io_spec(spec, model, job.img_size))

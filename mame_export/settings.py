@@ -172,3 +172,60 @@ def check_target_macs_list(values: Sequence[object], flag: str = "--target-macs"
     if len(values) == 0:
         raise UserError(f"{flag} needs at least one value, e.g. {flag} 0.5")
     return [check_target_macs(v, flag) for v in values]
+
+
+# ------------------------------------------------------------------ merge plans (tune)
+
+SIMILARITIES = ("size", "cosine")
+"""How a MaMe step compares tokens: "size" (size-aware, Ward's linkage: the default) or
+"cosine" (the keys' cosine alone, as ToMe). A plan file may choose either."""
+TUNE_METRICS = ("feature-cosine", "top1-agreement")
+MAX_TUNE_CANDIDATES = 10_000
+
+
+def check_similarity(v: object, flag: str = "--similarity") -> str:
+    if v not in SIMILARITIES:
+        raise UserError(f"{flag} must be one of {', '.join(SIMILARITIES)}; got {v!r}")
+    return str(v)
+
+
+def check_tune_metric(v: object) -> str:
+    if v not in TUNE_METRICS:
+        raise UserError(f"--metric must be one of {', '.join(TUNE_METRICS)}; got {v!r}")
+    return str(v)
+
+
+def check_tune_candidates(v: object) -> int:
+    """``--max-candidates``: the plans scored per MACs target (the search's bound)."""
+    return check_int("--max-candidates", v, 4, MAX_TUNE_CANDIDATES)
+
+
+# ------------------------------------------------------------------ quantized graphs
+
+# Precisions made by quantizing an fp32 export (QDQ graphs, mame_export.quant); export and
+# parity take them, besides PRECISIONS. fp8 (E4M3) is for TensorRT on Hopper and newer.
+QUANTIZED_PRECISIONS = ("int8", "fp8")
+GRAPH_PRECISIONS = PRECISIONS + QUANTIZED_PRECISIONS
+CALIB_METHODS = ("minmax", "entropy", "percentile")  # ONNX Runtime's calibrators
+# Calibration images read (the first N, in a fixed order): ONNX Runtime's calibrators hold
+# every calibrated tensor of every image in memory until the end.
+MAX_CALIB_IMAGES = 256
+
+
+def check_graph_precision(v: object) -> str:
+    """``--precision`` of a graph: fp32, fp16, bf16, or a quantized one (int8, fp8)."""
+    return check_precision(v, GRAPH_PRECISIONS)
+
+
+def check_calib_method(v: object) -> str:
+    if v not in CALIB_METHODS:
+        raise UserError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}; got {v!r}")
+    return str(v)
+
+
+def check_calib_options(precision: str, calib: object | None, method: str) -> None:
+    """``--calib`` / ``--calib-method`` belong to a quantized precision only."""
+    check_calib_method(method)
+    if precision not in QUANTIZED_PRECISIONS and (calib is not None or method != "minmax"):
+        raise UserError(f"--calib and --calib-method calibrate a quantized graph; add "
+                        f"--precision {' or '.join(QUANTIZED_PRECISIONS)} (got {precision})")

@@ -60,6 +60,8 @@ def metadata(req: Job | ExportRequest, spec: ModelSpec, plan: MergePlan, source:
                    for n, t in zip(io.input_names, example, strict=False)],
         "outputs": list(io.output_names),
         "plan": plan.to_dict(),
+        # the tuned schedule the graph runs (mame-export tune), so parity can rebuild it
+        "plan_file": _plan_file(req),
         "merge_op": MERGE_OP,
         "audit": audit_dict,
         "parity": parity.to_dict(),
@@ -67,6 +69,16 @@ def metadata(req: Job | ExportRequest, spec: ModelSpec, plan: MergePlan, source:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["mame-export", *sys.argv[1:]]) if sys.argv else "",
     }
+
+
+def _plan_file(req: Job | ExportRequest) -> dict[str, Any] | None:
+    if isinstance(req, Job):
+        return req.plan_file.to_dict() if req.tuned and req.plan_file is not None else None
+    if req.plan is None:
+        return None
+    from mame_export.planfile import as_plan_file
+
+    return as_plan_file(req.plan).to_dict()
 
 
 class MetadataError(UserError):
@@ -112,7 +124,14 @@ def request_from_metadata(meta: dict[str, Any]) -> ExportRequest:
     img = st["img_size"]
     if img is not None:
         _expect(img, int, "settings.img_size")
+    plan_file = meta.get("plan_file")
+    if plan_file is not None:
+        from mame_export.planfile import from_dict
+
+        plan_file = from_dict(plan_file, "the sidecar's plan_file")
+        tau, layers = None, None  # the plan file's own (export refuses both with a plan)
     return ExportRequest(
+        plan=plan_file,
         model=_expect(_expect(meta["model"], dict, "model")["name"], str, "model.name"),
         r=_expect(st["r"], (int, float), "settings.r"), tau=tau, layers=layers,
         mode=_expect(st["mode"], str, "settings.mode"),

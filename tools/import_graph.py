@@ -22,14 +22,15 @@ MAX_LINES = 450
 # Bottom to top: alias -> model -> patch -> graph -> audit -> engine -> parity and latency.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "jsonsafe", "settings", "artifacts"),
-    ("ops", "plan", "graph", "checkpoints"),
+    ("ops", "plan", "graph", "checkpoints", "quant.scope"),  # quant.scope: the merge's nodes
     ("families",),  # the registry, each family's model, patch and checks
-    ("patch", "baselines"),  # the library entry point (apply, merge_plan), the ToMe baseline
+    # the library entry point (apply, merge_plan), plan files, the ToMe baseline
+    ("patch", "planfile", "baselines"),
     ("export", "trt.detect", "trt.support", "runners"),
     # runners.factory makes any runner by name, the TensorRT ones (which build engines) included
     ("audit", "trt.engine", "trt", "runners.tensorrt", "runners.factory", "parity"),
-    ("request", "sidecar", "profile", "evaluate"),
-    ("job",),
+    ("request", "sidecar", "profile", "evaluate", "serve", "quant"),
+    ("job", "tune"),
     ("cli", "__main__", ""),  # "" is the package's own __init__ (lazy exports)
 )
 

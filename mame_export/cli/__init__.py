@@ -6,6 +6,8 @@
     mame-export parity GRAPH_OR_MODEL    parity of every runner against eager PyTorch
     mame-export profile MODEL --r R,...  latency of baseline / MaMe / ToMe per backend
     mame-export eval MODEL --data DIR    accuracy and fidelity of MaMe / ToMe on your images
+    mame-export tune MODEL --data DIR --target-macs R   a merge plan searched on your images
+    mame-export triton SOURCE --repo DIR a Triton model repository for a graph, engine or MODEL
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ SUBCOMMANDS = {
     "parity": "parity",
     "profile": "profile",
     "eval": "eval",
+    "tune": "tune",
+    "triton": "triton",
 }
 
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mame_export.settings import PRECISIONS
+from mame_export.settings import CALIB_METHODS, GRAPH_PRECISIONS
 
 if TYPE_CHECKING:  # the job module imports torch: it loads when a command runs
     from mame_export.request import ExportRequest, Job
@@ -41,11 +41,14 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
                    help="alias (vit_t, vit_s, vit_b, vit_l, vit_h, deit_s, deit_b, "
                         "siglip2_b_512, sd21-unet) or any timm model name")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--r", type=float, default=0.5,
+    g.add_argument("--r", type=float, default=None,
                    help="fraction of patch tokens merged away by the last merge block, "
                         "in [0, 1) (default 0.5)")
     g.add_argument("--target-macs", type=float, default=None, metavar="RATIO",
                    help="solve r for this MACs ratio (merged / unmerged), e.g. 0.5")
+    g.add_argument("--plan", type=Path, default=None, metavar="FILE",
+                   help="a plan file from `mame-export tune`: its tokens per block, "
+                        "similarity, tau and proportional attention")
     p.add_argument("--tau", type=float, default=None,
                    help="in [-1, 1]. Static mode (default 1): how widely a merged token spreads "
                         "(1: its single most similar target). Adaptive mode (default 0.8): the "
@@ -69,8 +72,15 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
         g.add_argument("--batch", type=int, default=None,
                        help="static batch size, 1 to 4096 (default 1; 2 for sd21-unet)")
         g.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis")
-        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                       help="precision of the graph (default fp32)")
+        p.add_argument("--precision", choices=GRAPH_PRECISIONS, default="fp32",
+                       help="precision of the graph (default fp32); int8 and fp8 write a QDQ "
+                            "graph (the merge stays fp32; see docs/quantization.md)")
+        p.add_argument("--calib", type=Path, default=None, metavar="DIR",
+                       help="calibration images for int8/fp8 (a folder, read with the "
+                            "model's preprocessing; default: random inputs, with a warning)")
+        p.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax",
+                       help="activation ranges from the calibration: minmax (default), "
+                            "entropy or percentile (ONNX Runtime's calibrators)")
         p.add_argument("--opset", type=int, default=18,
                        help="ONNX opset, 18 to 22 (default 18)")
         p.add_argument("--out", type=Path, default=Path("graphs"),
@@ -102,7 +112,8 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
     from mame_export.request import ExportRequest
 
     req = ExportRequest(
-        model=args.model, r=args.r, target_macs=args.target_macs, tau=args.tau,
+        model=args.model, r=0.5 if args.r is None else args.r, target_macs=args.target_macs,
+        tau=args.tau, plan=args.plan,
         layers=args.layers, prop_attn=args.prop_attn,
         mode=args.mode,
         img_size=args.img_size, weights=args.weights, llava=args.llava,
@@ -111,6 +122,8 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         precision=getattr(args, "precision", "fp32"), opset=getattr(args, "opset", 18),
         out_dir=getattr(args, "out", Path("graphs")),
         parity_batches=getattr(args, "parity_batches", 3), seed=getattr(args, "seed", None),
+        calib=getattr(args, "calib", None),
+        calib_method=getattr(args, "calib_method", "minmax"),
     )
     if getattr(args, "trt", False):
         from mame_export.trt.engine import EngineOptions, parse_size

@@ -76,6 +76,9 @@ class Patcher(ABC):
     family: str = ""  # the name its plans carry
     restores: bool = False  # MaRe restores every position after each block (UNets)
     size_option: str = "img_size"  # the keyword of apply/build_plan giving the input size
+    # Takes an explicit keep schedule and a similarity (plan files, ``mame-export tune``):
+    # the ViT-like families, whose tokens flow from block to block.
+    schedules: bool = False
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:
@@ -92,7 +95,14 @@ class Patcher(ABC):
         """The merge plan of ``model`` (patched or not) at these settings; the input size is
         the keyword named :attr:`size_option` (default: the model's own)."""
         size = options.pop(self.size_option, None)
-        return build_plan(self, model, r, tau, layers, prop_attn, mode, size, **options)
+        schedule = options.pop("schedule", None)
+        similarity = options.pop("similarity", "size")
+        if not self.schedules and (schedule is not None or similarity != "size"):
+            raise ValueError(f"merge schedules and similarities (plan files, mame-export tune) "
+                             f"apply to ViT-style encoders and classifiers; {self.family} "
+                             "models merge by their own plan")
+        return build_plan(self, model, r, tau, layers, prop_attn, mode, size,
+                          schedule=schedule, similarity=similarity, **options)
 
     # ---- the plan builder's hooks (plan.PlanHooks) -------------------------------------
 

@@ -52,7 +52,7 @@ def merge_tokens(
         if s.mode == "adaptive":
             keep = max(1, round(x_m.shape[1] * s.keep_ratio))
             return mame_step_adaptive(x_m, k_m, s_m, keep, s.tau)
-        merged, s_new, _ = mame_step(x_m, k_m, s_m, n_keep, s.tau)
+        merged, s_new, _ = mame_step(x_m, k_m, s_m, n_keep, s.tau, s.similarity)
         return merged, s_new
 
     return merge_unprotected(x, size, metric, s.protected, step)

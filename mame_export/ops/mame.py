@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mame_export.settings import SIMILARITIES
+
 __all__ = [
     "MergeStep",
     "redundancy_ranks",
@@ -43,6 +45,8 @@ __all__ = [
     "mame_weights",
     "size_aware_similarity",
     "mame_step",
+    "SIMILARITIES",
+    "check_similarity",
     "step_macs",
     "mare_restore",
     "mame_step_adaptive",
@@ -236,13 +240,22 @@ def size_aware_similarity(
     return 1.0 - hm * (1.0 - cos)
 
 
-def _redundancy(metric: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-aware similarities (B, Nb, Na) of targets B to candidates A, and each
-    candidate's redundancy (its best similarity to B)."""
+def _redundancy(metric: torch.Tensor, sizes: torch.Tensor,
+                similarity: str = "size") -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarities (B, Nb, Na) of targets B to candidates A (size-aware, or the cosine
+    alone), and each candidate's redundancy (its best similarity to B)."""
     k = _unit(metric)
     cos = k[:, 1::2] @ k[:, 0::2].transpose(-1, -2)
-    sim = size_aware_similarity(cos, sizes[:, 1::2], sizes[:, 0::2])
+    sim = cos if similarity == "cosine" else \
+        size_aware_similarity(cos, sizes[:, 1::2], sizes[:, 0::2])
     return sim, sim.amax(dim=-2)
+
+
+def check_similarity(similarity: str) -> None:
+    """ValueError for a similarity other than :data:`SIMILARITIES`."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}; "
+                         f"got {similarity!r}")
 
 
 def _merge_selected(
@@ -310,20 +323,23 @@ def mame_step(
     sizes: torch.Tensor,
     n_keep: int,
     tau: float = 1.0,
+    similarity: str = "size",
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[MergeStep, ...]]:
     """Static, data-selected MaMe: ``x`` (B, N, C) -> (B, n_keep, C).
 
     Returns ``(merged x, merged float32 sizes, steps)``; ``steps`` is what
     :func:`mare_restore` needs to put every position back. The output shape
     depends on ``(N, n_keep)`` only; which tokens merge depends on the data.
+    ``similarity``: how tokens are compared (:data:`SIMILARITIES`).
     """
     n = x.shape[1]
     _check_counts(n, n_keep)
+    check_similarity(similarity)
     steps: list[MergeStep] = []
     sizes = sizes.float()
     counts = _split_counts(n, n_keep)
     for i, n_merge in enumerate(counts):
-        sim, score = _redundancy(metric, sizes)
+        sim, score = _redundancy(metric, sizes, similarity)
         x, sizes, step = _merge_selected(x, sizes, sim, redundancy_ranks(score), n_merge, tau)
         steps.append(step)
         if i + 1 < len(counts):  # the metric follows its tokens into the next sub-step

@@ -249,6 +249,7 @@ class TimmViTPatcher(Patcher):
     Attention; the plan's hooks read the modules' shapes (no forward)."""
 
     family = FAMILY
+    schedules = True
 
     def matches(self, model: nn.Module) -> bool:
         try:
@@ -301,17 +302,19 @@ class TimmViTPatcher(Patcher):
     def apply(self, model: nn.Module, r: float, *, tau: float, layers: Sequence[int] | None,
               prop_attn: bool, mode: str, **options: Any) -> nn.Module:
         """Patch a timm VisionTransformer in place (idempotent: re-applying replaces the
-        plan). The plan is for the model's own input size."""
+        plan). The plan is for the model's own input size. ``schedule`` (explicit keep
+        counts per block) and ``similarity`` come from a plan file (``mame-export tune``)."""
+        plan_options = {k: options.pop(k) for k in ("schedule", "similarity") if k in options}
         if options:
             raise TypeError(f"timm ViTs take no options {sorted(options)}")
         check_supported(model)
-        plan = self.build_plan(model, r, tau, layers, prop_attn, mode)
+        plan = self.build_plan(model, r, tau, layers, prop_attn, mode, **plan_options)
         p = plan.num_protected
         for blk, bp in zip(model.blocks, plan.blocks, strict=True):
             keep = (bp.tokens_out - p) / (bp.tokens_in - p)
             swap(blk, _MaMeBlock, settings=BlockSettings(
                 merges=bp.merges, tau=float(tau), prop_attn=prop_attn, mode=mode,
-                protected=p, keep_ratio=keep))
+                protected=p, keep_ratio=keep, similarity=plan.similarity))
             swap(blk.attn, SizedAttention)
         swap(model, _MaMeVisionTransformer)
         model._mame_plan = plan

@@ -142,6 +142,7 @@ class TransformersPatcher(Patcher):
     :data:`HEADS`); the plan's hooks read the config and the modules' shapes."""
 
     family = FAMILY
+    schedules = True
 
     def matches(self, model: nn.Module) -> bool:
         try:
@@ -217,11 +218,13 @@ class TransformersPatcher(Patcher):
         """Patch a supported transformers model (or this family's wrapper of one) in place;
         re-applying replaces the plan. ``img_size``: the input size the plan is for (other
         sizes DINOv2 interpolates to still run; the forward follows the plan's r there)."""
+        plan_options = {k: options.pop(k) for k in ("schedule", "similarity") if k in options}
         if options:
             raise TypeError(f"transformers encoders take no options {sorted(options)}")
         encoder = encoder_of(model)
         check_supported(model)
-        plan = self.build_plan(model, r, tau, layers, prop_attn, mode, img_size=img_size)
+        plan = self.build_plan(model, r, tau, layers, prop_attn, mode, img_size=img_size,
+                               **plan_options)
         arch = arch_of(encoder)
         p = arch.protected
         for i, layer in enumerate(layer_list(encoder)):
@@ -230,7 +233,7 @@ class TransformersPatcher(Patcher):
             keep = (bp.tokens_out - p) / (bp.tokens_in - p) if bp is not None else 1.0
             swap(layer, arch.layer_mixin, settings=BlockSettings(
                 merges=merges, tau=float(tau), prop_attn=prop_attn, mode=mode, protected=p,
-                keep_ratio=keep))
+                keep_ratio=keep, similarity=plan.similarity))
             swap(attrgetter(arch.attention)(layer), hf_layers.SizedAttention)
         swap(encoder, arch.encoder_mixin)
         encoder._mame_plan = plan
