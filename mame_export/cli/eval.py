@@ -41,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="MaMe ratios in [0, 1), comma-separated (default 0.5)")
     g.add_argument("--target-macs", type=float_list, default=None, metavar="RATIO[,RATIO...]",
                    help="MACs ratios (merged / unmerged) to solve r for, e.g. 0.5")
+    p.add_argument("--plan", type=Path, default=None, metavar="FILE",
+                   help="also score this plan file (mame-export tune); without --r or "
+                        "--target-macs, the uniform plans are those at its MACs budget")
     p.add_argument("--tau", type=float, default=None,
                    help="MaMe tau in [-1, 1] (default 1: each merged token goes to its single "
                         "most similar target)")
@@ -96,13 +99,14 @@ def resolved_job(args: argparse.Namespace) -> Job:
 
     req = ExportRequest(model=args.model, tau=args.tau, layers=args.layers,
                         prop_attn=args.prop_attn, img_size=args.img_size, weights=args.weights,
-                        llava=args.llava, batch=args.batch, threads=args.threads)
-    if args.r is None and args.target_macs is None:
-        return req.resolve(export=False)
+                        llava=args.llava, batch=args.batch, threads=args.threads,
+                        plan=args.plan)
     from mame_export.request import resolve_job
 
-    return resolve_job(req, export=False, rs=args.r,
-                       target_macs=args.target_macs)
+    if args.r is None and args.target_macs is None and args.plan is None:
+        return req.resolve(export=False)
+    return resolve_job(req, export=False, rs=args.r, target_macs=args.target_macs,
+                       plan_is_variant=True)
 
 
 def run(args: argparse.Namespace) -> int:

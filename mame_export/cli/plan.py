@@ -1,4 +1,4 @@
-"""`mame-export plan MODEL --r R`: the merge plan without exporting."""
+"""`mame-export plan MODEL --r R` (or `--plan FILE`): the merge plan without exporting."""
 
 from __future__ import annotations
 
@@ -18,8 +18,15 @@ def run(args: argparse.Namespace) -> int:
     from mame_export.job import build
 
     req = request_from_args(args)
-    if req.weights == "auto":
-        req.weights = "random"  # the plan does not depend on weight values
+    if req.weights == "auto":  # the plan does not depend on weight values, but a plan
+        req.weights = "random"  # file is checked against the weights it was tuned on
+        if req.plan is not None:
+            from mame_export.planfile import as_plan_file
+
+            req.plan = as_plan_file(req.plan)
+            made = req.plan.weights
+            req.weights = made[len("file:"):] if made.startswith("file:") else \
+                "random" if made.startswith("random") else "auto"
     built = build(req.resolve(export=False), log=lambda _msg: None)
     plan, spec = built.plan, built.job.spec
     assert plan is not None

@@ -35,8 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = add_model_command(sub, "profile", SUMMARY, DESCRIPTION,
                           model_help="a registry alias (vit_b, sd21-unet, clip_l336, ...) or "
                                      "a timm name")
-    p.add_argument("--r", type=float_list, required=True, metavar="R[,R...]",
-                   help="MaMe ratios in [0, 1), comma-separated")
+    p.add_argument("--r", type=float_list, default=None, metavar="R[,R...]",
+                   help="MaMe ratios in [0, 1), comma-separated (needed unless --plan: then "
+                        "MaMe's uniform plan at the plan file's MACs budget)")
+    p.add_argument("--plan", type=Path, default=None, metavar="FILE",
+                   help="also time this plan file's schedule (mame-export tune): the "
+                        "mame-plan variant")
     p.add_argument("--backends", type=name_list, default=name_list(DEFAULT_BACKENDS),
                    metavar="B[,B...]",
                    help="torch, torch-compile, onnxrt, onnxrt-cuda, tensorrt "
@@ -118,13 +122,15 @@ def resolved_job(args: argparse.Namespace) -> Job:
     req = ExportRequest(model=args.model, tau=args.tau, layers=args.layers,
                         prop_attn=args.prop_attn, img_size=args.img_size, weights=args.weights,
                         llava=args.llava, precision=args.precision, threads=args.threads,
-                        batch=None if not args.batch else args.batch[0])
-    return resolve_job(req, export=False, rs=args.r)
+                        batch=None if not args.batch else args.batch[0], plan=args.plan)
+    return resolve_job(req, export=False, rs=args.r, plan_is_variant=True)
 
 
 def command_line(args: argparse.Namespace, spec: ModelSpec) -> str:
     """The canonical command that reproduces this run (recorded in the output)."""
-    parts = ["mame-export", "profile", args.model, "--r", ",".join(f"{r:g}" for r in args.r),
+    rs = ["--r", ",".join(f"{r:g}" for r in args.r)] if args.r is not None else []
+    plan = ["--plan", str(args.plan)] if args.plan is not None else []
+    parts = ["mame-export", "profile", args.model, *rs, *plan,
              "--backends", ",".join(args.backends), "--device", args.device,
              "--batch", ",".join(str(b) for b in args.batch or [spec.default_batch]),
              "--precision", args.precision]
@@ -179,7 +185,11 @@ def run(args: argparse.Namespace) -> int:
         profile_model,
     )
 
-    check_request(args.r, args.backends, [1] if args.batch is None else args.batch,
+    if args.r is None and args.plan is None:
+        raise UserError("--r is needed (e.g. --r 0.5), or --plan FILE (see `mame-export "
+                        "profile --help`)")
+    check_request([0.0] if args.r is None else args.r, args.backends,
+                  [1] if args.batch is None else args.batch,
                   args.precision, ["baseline"] if args.variants is None else args.variants)
     settings = timing_settings(args)
     graph_args = [parse_graph_arg(g) for g in args.graph]

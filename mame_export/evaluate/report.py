@@ -24,8 +24,8 @@ PANELS: dict[str, list[tuple[str, str]]] = {
     "unet": [("cosine_outputs", "noise-prediction cosine to unmerged"),
              ("rel_l2", "relative L2 error of the noise prediction")],
 }
-MARKERS = {"mame": ("o-", "MaMe"), "tome": ("x--", "ToMe"), "tomesd": ("x--", "ToMe-SD"),
-           "graph": ("*", "graph")}
+MARKERS = {"mame": ("o-", "MaMe"), "mame-plan": ("D", "MaMe, plan file"),
+           "tome": ("x--", "ToMe"), "tomesd": ("x--", "ToMe-SD"), "graph": ("*", "graph")}
 
 
 def _fmt(v: Any, digits: int) -> str:

@@ -20,7 +20,7 @@ from mame_export.errors import UserError
 from mame_export.evaluate import data as eval_data
 from mame_export.evaluate.images import check_labels, evaluate_images
 from mame_export.evaluate.unet import DEFAULT_LATENTS, evaluate_unet, latent_batches
-from mame_export.evaluate.variants import build_variants
+from mame_export.evaluate.variants import build_variants, plan_variant
 from mame_export.families import Family, IOSpec, ModelSpec
 from mame_export.request import Job, build
 
@@ -105,6 +105,8 @@ def run_eval(job: Job, s: EvalSettings, log: Log) -> dict[str, Any]:
     variants = build_variants(model, list(job.rs), tau=job.tau, layers=layers,
                               prop_attn=job.prop_attn, tome=s.tome, family=family,
                               patch_options=options, notes=notes)
+    if job.plan_file is not None:
+        variants.append(plan_variant(model, job.plan_file, job.plan_variant_settings()))
     if s.graph is not None:
         from mame_export.evaluate.deployed import graph_variant
 

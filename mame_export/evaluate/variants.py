@@ -32,7 +32,7 @@ class Variant:
     graph (``model`` is then the graph's runner, a callable on tensors)."""
 
     name: str
-    method: str  # "unmerged", "mame", "tome", "tomesd", "graph"
+    method: str  # "unmerged", "mame", "mame-plan", "tome", "tomesd", "graph"
     r: float | None
     model: Any
     plan: dict[str, Any] = field(default_factory=dict)
@@ -115,6 +115,20 @@ def _mame(model: nn.Module, r: float, settings: dict[str, Any]) -> Variant:
 
     m = apply(copy_of(model), r, **settings)
     return Variant(f"MaMe r={r:g}", "mame", r, m, merge_plan(m).to_dict())
+
+
+def plan_variant(model: nn.Module, plan_file: Any, settings: dict[str, Any]) -> Variant:
+    """MaMe with a plan file's schedule (``mame-export tune``): ``settings`` are ``apply``'s
+    keyword arguments for it (``Job.plan_variant_settings``)."""
+    from mame_export.patch import apply, merge_plan
+
+    try:
+        m = apply(copy_of(model), 0.0, **settings)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+    plan = merge_plan(m)
+    return Variant(f"MaMe plan {plan_file.target_macs:g}", "mame-plan", plan.r, m,
+                   plan.to_dict())
 
 
 def _tome(model: nn.Module, r: float, layers: list[int] | None, prop_attn: bool) -> Variant:

@@ -17,9 +17,11 @@ from mame_export.profile.variants import MergeSettings, family_variants
 from mame_export.request import Job, build
 
 
-def check_variants(variants: Sequence[str], spec: ModelSpec) -> list[str]:
-    """``variants`` if each applies to ``spec``'s family, else a one-line UserError."""
-    able = family_variants(get_family(spec.family))
+def check_variants(variants: Sequence[str], spec: ModelSpec, plan: bool = False) -> list[str]:
+    """``variants`` if each applies to ``spec``'s family, else a one-line UserError;
+    ``plan``: a plan file was given, so "mame-plan" applies (and is added)."""
+    able = family_variants(get_family(spec.family)) + (("mame-plan",) if plan else ())
+    variants = [*variants, *(["mame-plan"] if plan and "mame-plan" not in variants else [])]
     bad = [v for v in variants if v not in able]
     if bad:
         raise UserError(f"--variants {','.join(bad)} does not apply to {spec.alias} (a "
@@ -50,7 +52,8 @@ def profile_model(
     command); precision and threads are the job's.
     """
     family, spec, img_size = job.family, job.spec, job.img_size
-    variants = check_variants(family_variants(family) if variants is None else variants, spec)
+    variants = check_variants(family_variants(family) if variants is None else variants, spec,
+                              plan=job.plan_file is not None)
     batches = [job.batch] if batches is None else batches
     skeleton = family.skeleton(spec, img_size) if graphs else None
     if skeleton is not None:  # a graph that does not fit is refused before the build
@@ -62,7 +65,10 @@ def profile_model(
     assert job.io is not None
     log(f"profiling {spec.alias} ({spec.source_name}, weights: {built.source})")
     layers = None if job.layers is None else list(job.layers)
-    merge = MergeSettings(job.tau, layers, job.prop_attn, family.patch_options(spec, img_size))
+    options = family.patch_options(spec, img_size)
+    plan = job.plan_variant_settings() if job.plan_file is not None else None
+    merge = MergeSettings(job.tau, layers, job.prop_attn, options, plan=plan,
+                          plan_r=job.plan_file.r if job.plan_file is not None else 0.0)
     return profile(model, model_name=spec.alias, rs=job.rs, io=job.io, merge=merge,
                    variants=variants, batches=batches, backends=backends, graphs=graphs,
                    log=log, precision=job.precision, threads=job.threads, **options)

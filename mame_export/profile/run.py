@@ -172,6 +172,7 @@ def profile(
                       "graphs": {g.name: str(g.path) for g in graphs},
                       "merge": {"tau": merge.tau, "layers": merge.layers,
                                 "prop_attn": merge.prop_attn, **merge.options},
+                      "plan_file": merge.plan,
                       "timing": asdict(settings), "seed": seed},
             command=command,
         )
@@ -241,7 +242,10 @@ def _build_variants(model: nn.Module, rs: Sequence[float], variants: Sequence[st
     first plan built (every MaMe and ToMe plan holds the unpatched numbers). With
     ``ahead``, each is exported (and its model let go) before the next is built."""
     patched = {}
-    for key in [(v, r) for r in rs for v in variants if v != "baseline"]:
+    keys = [(v, r) for r in rs for v in variants if v not in ("baseline", "mame-plan")]
+    if "mame-plan" in variants:  # its own schedule: one row, at the r it amounts to
+        keys.append(("mame-plan", merge.plan_r))
+    for key in keys:
         patched[key] = build_variant(model, *key, merge=merge)
         if ahead is not None:
             ahead.take(patched[key])

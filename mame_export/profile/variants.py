@@ -17,7 +17,7 @@ from mame_export.export import export_onnx, reduced_precision_copy
 from mame_export.families import Family, IOSpec
 from mame_export.plan import MergePlan
 
-VARIANTS = ("baseline", "mame", "tome", "tomesd")
+VARIANTS = ("baseline", "mame", "tome", "tomesd", "mame-plan")  # mame-plan: --plan FILE
 # ToMe-SD picks its blocks by UNet level: 8 reaches every level of SD 1.x/2.x, the blocks
 # MaMe merges in by default. Its random partition (use_rand) does not export; off.
 TOMESD_OPTIONS = {"max_downsample": 8, "use_rand": False}
@@ -32,6 +32,9 @@ class MergeSettings:
     layers: list[int] | None = None
     prop_attn: bool = True
     options: dict[str, Any] = field(default_factory=dict)
+    # ``apply``'s keyword arguments of a plan file (the "mame-plan" variant), and its r
+    plan: dict[str, Any] | None = None
+    plan_r: float = 0.0
 
 
 @dataclass
@@ -97,6 +100,13 @@ def _patcher(name: str, r: float, merge: MergeSettings) -> Any:
 
         return lambda m: merge_plan(apply(m, r, tau=merge.tau, layers=merge.layers,
                                           prop_attn=merge.prop_attn, **merge.options))
+    if name == "mame-plan":
+        from mame_export.patch import apply, merge_plan
+
+        if merge.plan is None:
+            raise ValueError("the mame-plan variant needs a plan file (--plan FILE)")
+        settings = merge.plan
+        return lambda m: merge_plan(apply(m, 0.0, **settings))
     if name == "tome":
         from mame_export.baselines import apply_tome, tome_plan
 
