@@ -370,3 +370,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move the finished folder ``tmp_dir`` to ``final_dir`` with one rename (a reader sees
+    no folder or the whole one), with signals held and the parent locked; a folder already
+    at ``final_dir`` is never replaced (OutputDirError)."""
+    shown = shown_path(final_dir)
+    with signals_deferred(), locked_dir(final_dir.parent):
+        if os.path.lexists(final_dir):
+            raise OutputDirError(f"cannot write {shown}: it exists already")
+        try:
+            os.rename(tmp_dir, final_dir)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise OutputDirError(f"no space left on device while writing {shown}") \
+                    from None
+            raise OutputDirError(f"cannot write {shown}: {e.strerror or e}") from None

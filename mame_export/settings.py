@@ -181,6 +181,7 @@ SIMILARITIES = ("size", "cosine")
 "cosine" (the keys' cosine alone, as ToMe). A plan file may choose either."""
 TUNE_METRICS = ("feature-cosine", "top1-agreement")
 MAX_TUNE_CANDIDATES = 10_000
+DEFAULT_TUNE_CANDIDATES = 40  # schedules scored per MACs budget (minutes for ViT-S, 64 images)
 
 
 def check_similarity(v: object, flag: str = "--similarity") -> str:

@@ -24,8 +24,8 @@ DESCRIPTION = (
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from mame_export.settings import DEFAULT_TUNE_CANDIDATES as DEFAULT_CANDIDATES
     from mame_export.settings import SIMILARITIES, TUNE_METRICS
-    from mame_export.tune.run import DEFAULT_CANDIDATES
 
     p = add_model_command(
         sub, "tune", "search the merge plan on your images at a MACs budget; write a plan "

@@ -35,7 +35,7 @@ from mame_export.request import Job, build
 from mame_export.tune.search import BudgetUnreachable, Search, keep_of
 
 Log = Callable[[str], None]
-DEFAULT_CANDIDATES = 40
+DEFAULT_CANDIDATES = settings.DEFAULT_TUNE_CANDIDATES
 DEFAULT_PLANS_DIR = Path("plans")
 
 
