@@ -65,9 +65,9 @@ def profile_model(
     assert job.io is not None
     log(f"profiling {spec.alias} ({spec.source_name}, weights: {built.source})")
     layers = None if job.layers is None else list(job.layers)
-    options = family.patch_options(spec, img_size)
     plan = job.plan_variant_settings() if job.plan_file is not None else None
-    merge = MergeSettings(job.tau, layers, job.prop_attn, options, plan=plan,
+    merge = MergeSettings(job.tau, layers, job.prop_attn, family.patch_options(spec, img_size),
+                          plan=plan,
                           plan_r=job.plan_file.r if job.plan_file is not None else 0.0)
     return profile(model, model_name=spec.alias, rs=job.rs, io=job.io, merge=merge,
                    variants=variants, batches=batches, backends=backends, graphs=graphs,
