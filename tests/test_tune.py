@@ -69,8 +69,8 @@ def test_tune_writes_one_plan_per_budget_within_it(tuned: dict) -> None:
         candidates = plan.search["candidates"]
         assert 2 <= len(candidates) <= 10
         assert all(c["macs_ratio"] <= plan.target_macs + 1e-9 for c in candidates)
-        # the chosen schedule is the best scored, and never worse than MaMe's default
-        assert plan.score == max(c["score"] for c in candidates)
+        # the chosen schedule is MaMe's default, or one better than it beyond the noise
+        assert plan.score in [c["score"] for c in candidates]
         assert plan.score >= plan.search["default"]["score"]
         # what the file says is what apply runs: the plan's MACs and counts
         assert plan.keep_counts == tuple(p["keep_counts"])
@@ -122,10 +122,10 @@ def test_search_respects_the_budget_and_its_bound() -> None:
     def macs(keep, sim):
         return PATCHER.build_plan(model, 0.0, schedule=list(keep), similarity=sim).flops_ratio
 
-    def score(keep, sim):  # prefers late merging and the cosine: a known optimum
+    def score(keep, sim):  # prefers little merging in block 0, and the cosine
         scored.append((tuple(keep), sim))
-        late = sum(i * (0 if k is None else 1) for i, k in enumerate(keep))
-        return late + (0.5 if sim == "cosine" else 0.0)
+        base = (n if keep[0] is None else keep[0]) + (0.5 if sim == "cosine" else 0.0)
+        return [base + 0.01 * j for j in range(8)]  # 8 "images", the same gain on each
 
     search = Search(n, 4, 0.6, macs, score, max_candidates=25, seed=1,
                     similarities=("size", "cosine"), default_end=4, log=lambda _m: None)
@@ -210,6 +210,7 @@ def test_plan_eval_and_profile_take_the_plan(tuned: dict, images: Path) -> None:
     assert rows["mame"]["macs_ratio"] <= plan.target_macs  # uniform, at the plan's budget
     # the plan's score on its own calibration images is what tune recorded
     assert rows["mame-plan"]["cosine_features"] == pytest.approx(plan.score, abs=1e-5)
+
     code, stdout, err = run_main("profile", "vit_t", "--plan", path, "--backends", "torch",
                                  "--variants", "baseline,mame", "--threads", "1", "--warmup",
                                  "0", "--min-iters", "2", "--max-iters", "2", "--seconds",
@@ -217,6 +218,17 @@ def test_plan_eval_and_profile_take_the_plan(tuned: dict, images: Path) -> None:
     assert code == 0, err
     names = [r["variant"] for r in json.loads(stdout)["results"]]
     assert "mame-plan" in names and "mame" in names and "baseline" in names
+
+
+def test_a_gain_inside_the_noise_is_not_taken() -> None:
+    from mame_export.tune.search import Candidate
+
+    def cand(per_image):
+        return Candidate((1,), "size", 0.5, tuple(per_image), "shape", "")
+
+    base = cand([0.90, 0.95, 0.80, 0.99])
+    assert not cand([0.91, 0.94, 0.82, 0.98]).beats(base)  # +0.0025 mean, noisy
+    assert cand([0.92, 0.97, 0.82, 1.01]).beats(base)  # +0.02 on every image
 
 
 def test_apply_takes_a_plan_and_checks_the_weights(tuned: dict) -> None:

@@ -98,20 +98,21 @@ class Scorer:
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return readout(*run_once(variant, self.io, (x,), "the calibration images"), self.io)
 
-    def __call__(self, keep: Sequence[int | None], similarity: str) -> float:
+    def __call__(self, keep: Sequence[int | None], similarity: str) -> list[float]:
+        """The metric on each calibration image (feature cosine, or 1.0 / 0.0 for a top-1
+        that agrees with the unmerged model's or not)."""
         model = apply(self.work, 0.0, schedule=list(keep), similarity=similarity,
                       **self.options)
         variant = Variant("candidate", "mame", None, model)
-        total, count = 0.0, 0
+        out_scores: list[float] = []
         for x, (ref_out, ref_feat) in zip(self.batches, self.reference, strict=True):
             out, feat = self._read(variant, x)
             if self.metric == "top1-agreement":
-                total += float((out.argmax(1) == ref_out.argmax(1)).sum())
+                out_scores += (out.argmax(1) == ref_out.argmax(1)).double().tolist()
             else:
                 assert feat is not None and ref_feat is not None
-                total += float(cosines(feat, ref_feat).sum())
-            count += len(x)
-        return total / max(count, 1)
+                out_scores += cosines(feat, ref_feat).tolist()
+        return out_scores
 
 
 def find_calibration(job: Job, s: TuneSettings, model: nn.Module | None) -> Any:

@@ -3,26 +3,33 @@ are compared, for the best fidelity at or under a MACs budget.
 
 Pure search over schedules: the caller gives ``macs(keep, similarity)`` (the plan's MACs
 ratio, merge products counted: arithmetic, instant) and ``score(keep, similarity)`` (the
-fidelity on the calibration images: a forward pass over them, the expensive part). Every
+fidelity on each calibration image: a forward pass over them, the expensive part). Every
 candidate sits at or under the budget; each is scored at most once.
+
+A candidate replaces the best so far only when it is better by more than the noise of
+the images: its mean gain, image by image, must exceed :data:`SIGNIFICANCE_Z` standard
+errors of those gains. Gains inside the noise are what the calibration images happen to
+favour, and measured, they do not carry over to other images (docs/method.md).
 
 A schedule is the mergeable tokens *leaving* each block (``counts``, non-increasing from
 the patch count; a block whose count does not drop does not merge); the plan's keep
 schedule follows from it. The search runs in three stages, each bounded:
 
-1. **Shape.** Schedules of a family with three knobs: the first and last merging block
-   and a curve ``gamma`` (the fraction of the log-removal done by a block is
-   ``t ** gamma`` of the way through the merge blocks: below 1 merges early, above 1
-   late). For each shape, the smallest removal that meets the budget is solved (the
-   plan's MACs are monotone in it). It starts from MaMe's default (the first 8 blocks,
-   uniform: gamma 1) and improves one knob at a time.
+1. **Shape.** Schedules of a family with four knobs: the first and last merging block,
+   the profile (``geometric``: each block keeps the same fraction, MaMe's default;
+   ``linear``: each block removes the same count, ToMe's) and a curve ``gamma`` (a block
+   ``t`` of the way through the merge blocks has done ``t ** gamma`` of the removal:
+   below 1 merges early, above 1 late). For each shape, the smallest removal that meets
+   the budget is solved (the plan's MACs are monotone in it). It starts from MaMe's
+   default (the first 8 blocks, geometric, gamma 1) and improves one knob at a time.
 2. **Similarity.** The best shape with the other similarity (size-aware vs cosine).
 3. **Per-block moves** (seeded): one block keeps ``delta`` more tokens, another fewer
-   to pay for it, kept when the score rises: what no curve can express.
+   to pay for it, kept when it beats the best so far: what no curve can express.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +41,8 @@ Keep = tuple[int | None, ...]
 GAMMAS = (0.5, 0.7, 1.0, 1.4, 2.0)
 DEFAULT_GAMMA = 1.0
 STARTS = (0, 1, 2, 3)
+PROFILES = ("geometric", "linear")
+SIGNIFICANCE_Z = 2.0  # standard errors a candidate's mean gain must exceed to be taken
 
 
 def keep_of(counts: Sequence[int], num_patches: int) -> Keep:
@@ -43,16 +52,18 @@ def keep_of(counts: Sequence[int], num_patches: int) -> Keep:
 
 
 def shape_counts(num_patches: int, depth: int, start: int, end: int, gamma: float,
-                 r: float) -> Counts:
+                 r: float, profile: str = "geometric") -> Counts:
     """Tokens leaving each block when blocks ``start..end-1`` merge away a fraction ``r``
-    of the patches along the curve ``gamma`` (each count rounded from the compounded
-    fraction, at least 1)."""
+    of the patches along the curve ``gamma``: the kept fraction is ``(1 - r) ** t``
+    (geometric) or ``1 - r t`` (linear) at ``t = (block's place) ** gamma``; each count
+    rounded from it, at least 1."""
     out, n = [], num_patches
     span = end - start
     for i in range(depth):
         if start <= i < end:
             t = ((i - start + 1) / span) ** gamma
-            n = max(1, min(n, round(num_patches * (1.0 - r) ** t)))
+            kept = (1.0 - r) ** t if profile == "geometric" else 1.0 - r * t
+            n = max(1, min(n, round(num_patches * kept)))
         out.append(n)
     return tuple(out)
 
@@ -62,9 +73,10 @@ class Shape:
     start: int
     end: int
     gamma: float
+    profile: str = "geometric"
 
     def describe(self) -> str:
-        return f"blocks {self.start}-{self.end - 1}, gamma {self.gamma:g}"
+        return f"blocks {self.start}-{self.end - 1}, {self.profile}, gamma {self.gamma:g}"
 
 
 @dataclass
@@ -72,9 +84,24 @@ class Candidate:
     counts: Counts
     similarity: str
     macs_ratio: float
-    score: float
+    per_image: tuple[float, ...]
     stage: str
     how: str
+
+    @property
+    def score(self) -> float:
+        return sum(self.per_image) / max(len(self.per_image), 1)
+
+    def beats(self, other: Candidate) -> bool:
+        """Better than ``other`` by more than the images' noise (see the module
+        docstring): the mean of the per-image gains over SIGNIFICANCE_Z standard errors."""
+        gains = [a - b for a, b in zip(self.per_image, other.per_image, strict=True)]
+        n = len(gains)
+        mean = sum(gains) / n
+        if n < 2:
+            return mean > 0
+        var = sum((g - mean) ** 2 for g in gains) / (n - 1)
+        return mean > SIGNIFICANCE_Z * math.sqrt(var / n)
 
     def record(self, num_patches: int) -> dict[str, Any]:
         return {"keep_counts": list(keep_of(self.counts, num_patches)),
@@ -97,7 +124,8 @@ class Search:
     """One search at one MACs budget (see the module docstring)."""
 
     def __init__(self, num_patches: int, depth: int, target: float,
-                 macs: Callable[[Keep, str], float], score: Callable[[Keep, str], float],
+                 macs: Callable[[Keep, str], float],
+                 score: Callable[[Keep, str], Sequence[float]],
                  max_candidates: int, seed: int, similarities: Sequence[str],
                  default_end: int, log: Callable[[str], None]) -> None:
         self.n, self.depth, self.target = num_patches, depth, target
@@ -108,6 +136,7 @@ class Search:
         self.log = log
         self.scored: dict[tuple[Counts, str], Candidate] = {}
         self.order: list[Candidate] = []
+        self.incumbent: Candidate | None = None  # the best so far (see Candidate.beats)
 
     # ---- arithmetic -------------------------------------------------------------------
 
@@ -121,7 +150,8 @@ class Search:
         """The shape's schedule with the least removal that meets the budget (None: none
         does). Counts step with r, so the bisection ends on the first r that fits."""
         def at(r: float) -> Counts:
-            return shape_counts(self.n, self.depth, shape.start, shape.end, shape.gamma, r)
+            return shape_counts(self.n, self.depth, shape.start, shape.end, shape.gamma, r,
+                                shape.profile)
 
         top = 1.0 - 1.0 / self.n  # every merge block keeps the fewest it can
         if not self.fits(at(top), similarity):
@@ -147,17 +177,22 @@ class Search:
         key = (counts, similarity)
         if key in self.scored:
             return self.scored[key]
-        cand = Candidate(counts, similarity, self.macs(counts, similarity),
-                         self._score(keep_of(counts, self.n), similarity), stage, how)
+        per_image = tuple(float(v) for v in self._score(keep_of(counts, self.n), similarity))
+        cand = Candidate(counts, similarity, self.macs(counts, similarity), per_image, stage,
+                         how)
         self.scored[key] = cand
         self.order.append(cand)
-        best = max(self.order, key=lambda c: c.score)
+        taken = self.incumbent is None or cand.beats(self.incumbent)
+        if taken:
+            self.incumbent = cand
         self.log(f"  [{self.spent}/{self.max_candidates}] MACs {cand.macs_ratio:.3f}, "
-                 f"{how}, {similarity}: {cand.score:.5f} (best {best.score:.5f})")
+                 f"{how}, {similarity}: {cand.score:.5f}"
+                 + (" (taken)" if taken else f" (best {self.best().score:.5f})"))
         return cand
 
     def best(self) -> Candidate:
-        return max(self.order, key=lambda c: (c.score, -c.macs_ratio))
+        assert self.incumbent is not None
+        return self.incumbent
 
     # ---- the stages -------------------------------------------------------------------
 
@@ -191,23 +226,27 @@ class Search:
                                    self.default_end, (5 * self.depth) // 6, self.depth)
                        if 2 <= e <= self.depth})
         best_shape = start or Shape(0, self.depth, DEFAULT_GAMMA)
-        best_score = self.best().score if self.order else float("-inf")
         for _round in range(2):
             improved = False
-            for knob in ("end", "gamma", "start"):
+            for knob in ("profile", "end", "gamma", "start"):
                 options: list[Shape] = []
-                if knob == "end":
-                    options = [Shape(best_shape.start, e, best_shape.gamma) for e in ends
-                               if e > best_shape.start + 1]
+                if knob == "profile":
+                    options = [Shape(best_shape.start, best_shape.end, best_shape.gamma, p)
+                               for p in PROFILES]
+                elif knob == "end":
+                    options = [Shape(best_shape.start, e, best_shape.gamma, best_shape.profile)
+                               for e in ends if e > best_shape.start + 1]
                 elif knob == "gamma":
-                    options = [Shape(best_shape.start, best_shape.end, g) for g in GAMMAS]
+                    options = [Shape(best_shape.start, best_shape.end, g, best_shape.profile)
+                               for g in GAMMAS]
                 else:
-                    options = [Shape(s, best_shape.end, best_shape.gamma) for s in STARTS
-                               if s < best_shape.end - 1]
+                    options = [Shape(s, best_shape.end, best_shape.gamma, best_shape.profile)
+                               for s in STARTS if s < best_shape.end - 1]
                 for shape in options:
+                    before = self.incumbent
                     cand = self._try_shape(shape, similarity)
-                    if cand is not None and cand.score > best_score:
-                        best_shape, best_score, improved = shape, cand.score, True
+                    if cand is not None and self.incumbent is cand and cand is not before:
+                        best_shape, improved = shape, True
             if not improved:
                 break
         return best_shape
@@ -231,7 +270,7 @@ class Search:
                 stale += 1
                 continue
             cand = self.evaluate(counts, best.similarity, "move", "one block +/- tokens")
-            stale = 0 if cand.score > best.score else stale + 1
+            stale = 0 if self.incumbent is cand else stale + 1
 
     def _moved(self, counts: Counts, rng: random.Random, step: int,
                similarity: str) -> Counts | None:
