@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The tiny timm ViT the reliability tests export: 32 px, 4 patches, random weights.
 TINY = ["vit_tiny_patch16_224", "--img-size", "32", "--weights", "random"]
 # The optional package each family needs: an alias of a family without it is skipped.
-FAMILY_NEEDS = {"sd-unet": "diffusers", "transformers": "transformers"}
+FAMILY_NEEDS = {"sd-unet": "diffusers", "transformers": "transformers", "dit": "diffusers"}
 
 
 # ---------------------------------------------------------------- the command line

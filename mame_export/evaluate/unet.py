@@ -1,12 +1,14 @@
-"""``eval`` of a diffusion UNet: how close each variant's noise prediction stays to the
-unmerged UNet's, on the same latents, timesteps and text embeddings.
+"""``eval`` of a diffusion denoiser (a UNet or a diffusion transformer): how close each
+variant's noise prediction stays to the unmerged model's, on the same latents, timesteps
+and text embeddings.
 
 A fidelity check of one denoising step, not an image-quality score: it says how much
 merging perturbs the UNet's computation, not how generated images look. The latents come
 from ``--data`` (saved tensors) or, without it, are seeded random N(0, 1) latents; the
 timesteps are spread evenly over [0, 999]; the text embeddings are seeded random
-N(0, 1) tensors of the UNet's cross-attention shape (one per latent, the same for every
-variant and timestep).
+N(0, 1) tensors of the model's text shape (one per latent, the same for every variant and
+timestep). Further conditioning inputs (SDXL's ``text_embeds`` and ``time_ids``, SD3's
+``pooled_projections``) come from the IO spec, seeded per latent batch likewise.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def timesteps(n: int = TIMESTEPS) -> list[float]:
 
 def _shapes(io: IOSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The per-item shapes of the latents and the text embeddings."""
-    sample, _t, context = io.make_inputs(1, torch.Generator().manual_seed(0))
+    sample, _t, context = io.make_inputs(1, torch.Generator().manual_seed(0))[:3]
     return tuple(sample.shape[1:]), tuple(context.shape[1:])
 
 
@@ -46,6 +48,13 @@ def random_latents(count: int, shape: Sequence[int], batch: int) -> Iterator[tor
     gen = torch.Generator().manual_seed(LATENT_SEED)
     for start in range(0, count, batch):
         yield torch.randn(min(batch, count - start), *shape, generator=gen)
+
+
+def extra_conditioning(io: IOSpec, first: int, count: int) -> tuple[torch.Tensor, ...]:
+    """The IO spec's inputs after (sample, timestep, text) for latents ``first`` ..
+    ``first + count - 1``, seeded by ``first``: the same for every variant and timestep."""
+    gen = torch.Generator().manual_seed(TEXT_SEED + first)
+    return tuple(io.make_inputs(count, gen)[3:])
 
 
 def text_embeddings(first: int, count: int, shape: Sequence[int]) -> torch.Tensor:
@@ -90,8 +99,9 @@ def evaluate_unet(variants: Sequence[Variant], io: IOSpec, latents: Iterator[tor
     for lat in latents:
         n = len(lat)
         text = text_embeddings(done, n, text_shape)
+        extra = extra_conditioning(io, done, n)
         for k, t in enumerate(steps):
-            inputs = (lat, torch.full((n,), t, dtype=torch.float32), text)
+            inputs = (lat, torch.full((n,), t, dtype=torch.float32), text, *extra)
             what = f"latents {done + 1}-{done + n} at timestep {t:g}"
             ref = None
             for i, v in enumerate(variants):
@@ -118,9 +128,9 @@ def evaluate_unet(variants: Sequence[Variant], io: IOSpec, latents: Iterator[tor
 
 
 def _notes(variants: Sequence[Variant], latents: int, seeded: bool) -> list[str]:
-    notes = ["a UNet's rows are a fidelity check of one denoising step (noise prediction vs "
-             "the unmerged UNet, on the same latents, timesteps and text embeddings), not an "
-             "image-quality score"]
+    notes = ["a denoiser's rows are a fidelity check of one denoising step (noise prediction "
+             "vs the unmerged model, on the same latents, timesteps and text embeddings), not "
+             "an image-quality score"]
     if seeded:
         notes.append(f"no --data: {latents} seeded random N(0, 1) latents")
     notes.append(f"{TIMESTEPS} timesteps evenly spaced in [0, {LAST_TIMESTEP}]; seeded random "

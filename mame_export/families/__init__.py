@@ -25,6 +25,7 @@ FAMILY_MODULES = (
     "mame_export.families.timm_vit",
     "mame_export.families.sd_unet",
     "mame_export.families.transformers",
+    "mame_export.families.dit",
 )
 
 __all__ = ["Family", "IOSpec", "ModelSpec", "UnknownModelError", "UnsupportedModelError",

@@ -157,11 +157,13 @@ def read_unet_state_dict(weights: str | Path, config: dict[str, Any]) -> dict[st
 
 
 class UNetExportWrapper(nn.Module):
-    """``unet(sample, timestep, encoder_hidden_states)`` returning the plain noise tensor.
+    """``unet(sample, timestep, encoder_hidden_states[, text_embeds, time_ids])`` returning
+    the plain noise tensor.
 
-    What gets exported and compared: positional inputs in :data:`INPUT_NAMES`
-    order, one output (:data:`OUTPUT_NAMES`). ``mame_export.apply`` accepts the
-    wrapper and patches the UNet inside it.
+    What gets exported and compared: positional inputs in :data:`INPUT_NAMES` order, then
+    SDXL's added conditioning (``text_embeds``, ``time_ids``) where the config has it; one
+    output (:data:`OUTPUT_NAMES`). ``mame_export.apply`` accepts the wrapper and patches the
+    UNet inside it.
     """
 
     def __init__(self, unet: nn.Module) -> None:
@@ -169,9 +171,13 @@ class UNetExportWrapper(nn.Module):
         self.unet = unet
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        added = None if text_embeds is None else {"text_embeds": text_embeds,
+                                                  "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                         return_dict=False)[0]
 
 
 def unet_example_inputs(
@@ -212,17 +218,26 @@ def sd_unet_io_spec(model: nn.Module, latent: int | tuple[int, int] | None = Non
     """The export spec of a UNet or its wrapper (noise predictions: no class scores).
 
     Fresh random float32 inputs per call: N(0,1) latents, timesteps uniform in
-    [0, 1000), N(0,1) text states with 77 tokens.
+    [0, 1000), N(0,1) text states with 77 tokens; for SDXL also N(0,1) pooled text embeds
+    and the time ids of an uncropped image of the latent's size in pixels (x8).
     """
+    from mame_export.families.sd_unet.configs import added_cond_names, text_embeds_dim
+
     unet = model.unet if isinstance(model, UNetExportWrapper) else model
     cfg = unet.config
     size = cfg.sample_size if latent is None else latent
     h, w = (size, size) if isinstance(size, int) else size
+    added = added_cond_names(cfg)
 
     def make(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         sample = torch.randn(batch, cfg.in_channels, h, w, generator=gen)
         timestep = torch.rand(batch, generator=gen) * 1000.0
         context = torch.randn(batch, SD21_TEXT_TOKENS, cfg.cross_attention_dim, generator=gen)
-        return sample, timestep, context
+        if not added:
+            return sample, timestep, context
+        pooled = torch.randn(batch, text_embeds_dim(cfg), generator=gen)
+        px = (8.0 * h, 8.0 * w)  # the VAE's factor: the image the latent decodes to
+        time_ids = torch.tensor([*px, 0.0, 0.0, *px]).expand(batch, -1).contiguous()
+        return sample, timestep, context, pooled, time_ids
 
-    return IOSpec(INPUT_NAMES, OUTPUT_NAMES, make, class_scores=False)
+    return IOSpec(INPUT_NAMES + added, OUTPUT_NAMES, make, class_scores=False)

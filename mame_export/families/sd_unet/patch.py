@@ -210,6 +210,12 @@ class SdUNetPatcher(Patcher):
             f"MACs: from the modules' shapes, batch 1, {_PLAN_TEXT_TOKENS} text tokens, all "
             "matmuls and convolutions (as torch's FlopCounterMode counts them)",
         ]
+        merging = {f"{h}x{w}" for bp, (h, w) in zip(blocks, self.block_grids(model, size),
+                                                    strict=True) if bp.merges}
+        notes.append(f"merges: {sum(b.merges for b in blocks)} of {len(blocks)} blocks, at "
+                     f"{', '.join(g for g in by_grid if g in merging) or 'no grid'} (default: "
+                     "every block; on SDXL both attention levels measured faster merged, "
+                     "docs/diffusion.md)")
         if merge_crossattn or merge_mlp:
             notes.append(f"also merged: cross-attention={merge_crossattn}, "
                          f"feed-forward={merge_mlp}")
