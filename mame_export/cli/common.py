@@ -39,7 +39,8 @@ def parse_layers(text: str) -> list[int]:
 def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="alias (vit_t, vit_s, vit_b, vit_l, vit_h, deit_s, deit_b, "
-                        "siglip2_b_512, sd21-unet) or any timm model name")
+                        "siglip2_b_512, clip_l336, dinov2_s, videomae_l, sd15-unet, sd21-unet, "
+                        "sdxl-unet, pixart_sigma_1024, sd3_medium) or any timm model name")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--r", type=float, default=None,
                    help="fraction of patch tokens merged away by the last merge block, "

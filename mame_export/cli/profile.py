@@ -48,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="device for the torch backends (default cpu)")
     p.add_argument("--batch", type=int_list, default=None, metavar="N[,N...]",
-                   help="batch sizes, 1 to 4096 (default: the model's, 1; 2 for sd21-unet)")
+                   help="batch sizes, 1 to 4096 (default: the model's, 1; 2 for the "
+                        "denoisers: CFG)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch and ONNX Runtime (default: all available)")
@@ -64,8 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prop-attn", dest="prop_attn", action="store_false",
                    help="turn off proportional attention (MaMe and ToMe)")
     p.add_argument("--variants", type=name_list, default=None, metavar="V[,V...]",
-                   help="baseline, mame, tome (timm ViTs), tomesd (sd21-unet) (default: all "
-                        "that apply to the model)")
+                   help="baseline, mame, tome (timm ViTs), tomesd (sd-unet), mame-plan "
+                        "(--plan) (default: all that apply to the model)")
     p.add_argument("--graph", action="append", default=[], metavar="NAME=PATH",
                    help="also time this exported ONNX graph on the graph backends (repeatable; "
                         "its inputs must be the model's at each batch)")
