@@ -97,6 +97,7 @@ class AuditReport:
     findings: list[Finding] = field(default_factory=list)
     expect_dynamic_batch: bool = False  # the batch axis was checked to be symbolic
     allowed_domains: list[str] = field(default_factory=list)  # custom domains let through
+    quantization: dict[str, Any] | None = None  # a QDQ graph's counts (quantization_census)
 
     @property
     def passed(self) -> bool:
@@ -115,6 +116,12 @@ class AuditReport:
                  f"  checker: {self.checker}; shape inference: {self.shape_inference}",
                  f"  forbidden ops: {len(self.forbidden_ops)}; "
                  f"TensorRT pre-flight: {self.tensorrt.get('status')}"]
+        if self.quantization is not None:
+            q = self.quantization
+            kept = ", ".join(f"{n} {why}" for why, n in q["kept"].items()) or "none"
+            lines.append(f"  quantized MatMul/Gemm/Conv: {q['quantized']}; kept in high "
+                         f"precision: {kept}; merge nodes quantized: "
+                         f"{len(q['merge_nodes_quantized'])} of {q['merge_nodes']}")
         lines += [f"  FINDING {f}" for f in self.findings]
         lines.append("  PASSED" if self.passed else f"  FAILED ({len(self.findings)} findings)")
         return "\n".join(lines)
@@ -267,6 +274,12 @@ def audit(path: str | os.PathLike, *, expect_dynamic_batch: bool = False,
         trt_info, trt_findings = _tensorrt_preflight(inferred)
         findings.extend(trt_findings)
     census = op_census(model)
+    quantization = quantization_census(model)
+    if quantization is not None:
+        findings += [Finding("quantized-merge", "", name, "a node of the merge computes on "
+                             "dequantized inputs: which tokens merge can change; keep the "
+                             "merge's nodes (name scope mame_merge) out of quantization")
+                     for name in quantization["merge_nodes_quantized"]]
     return AuditReport(
         path=str(p),
         nodes=sum(census.values()),
@@ -279,4 +292,18 @@ def audit(path: str | os.PathLike, *, expect_dynamic_batch: bool = False,
         findings=findings,
         expect_dynamic_batch=expect_dynamic_batch,
         allowed_domains=sorted(set(allow_domains)),
+        quantization=quantization,
     )
+
+
+def quantization_census(model: onnx.ModelProto) -> dict[str, Any] | None:
+    """For a QDQ graph (one with DequantizeLinear nodes): how many MatMul/Gemm/Conv are
+    quantized, how many kept in high precision and why, and which merge nodes (found by
+    their name scope, :mod:`mame_export.quant.scope`) compute on dequantized inputs."""
+    from mame_export.quant.scope import count_quantized
+
+    if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+        return None
+    quantized, kept, merge_quantized, n_merge = count_quantized(model)
+    return {"quantized": quantized, "kept": kept, "merge_nodes": n_merge,
+            "merge_nodes_quantized": merge_quantized}

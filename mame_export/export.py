@@ -21,12 +21,15 @@ import torch.nn.functional as F
 from mame_export import settings
 from mame_export.artifacts import atomic_dir_write, sha256_file
 from mame_export.errors import ExportError, UserError
+from mame_export.quant.scope import merge_scopes
 
 # Protobuf caps a single serialized model at 2 GiB; above this, weights go to a side file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 # The torch dtype of each precision name (the names' one home: settings.PRECISIONS).
 DTYPES = dict(zip(settings.PRECISIONS, (torch.float32, torch.float16, torch.bfloat16),
                   strict=True))
+# Quantized graphs are exported in fp32, then quantized (mame_export.quant).
+DTYPES.update(dict.fromkeys(settings.QUANTIZED_PRECISIONS, torch.float32))
 PRECISIONS = DTYPES  # the earlier name
 
 
@@ -116,7 +119,10 @@ def export_onnx(
     with atomic_dir_write(path.parent) as tmp:
         tmp_path = tmp / path.name
         try:
-            with _quiet(), torch.inference_mode(False), torch.no_grad():
+            # The merge runs under its name scope, which the exporter records on each
+            # node (mame_export.quant.scope: how int8 keeps the merge in fp32).
+            with _quiet(), torch.inference_mode(False), torch.no_grad(), \
+                    merge_scopes(model):
                 program = torch.onnx.export(
                     model.eval(),
                     tuple(example_inputs),

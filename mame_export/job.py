@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from mame_export.request import (
 )
 from mame_export.runners import Runner
 from mame_export.runners.factory import GRAPH_RUNNERS, check_runner_names, make_runner
+from mame_export.settings import QUANTIZED_PRECISIONS
 from mame_export.sidecar import MetadataError, metadata, read_sidecar, sidecar_json, versions
 
 __all__ = ["Built", "ExportRequest", "Job", "build", "build_model", "build_patched",
@@ -62,7 +64,12 @@ def graph_stem(spec: ModelSpec, job: Job | ExportRequest) -> str:
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", spec.alias)
     batch = "bdyn" if job.dynamic_batch else f"b{job.batch}"
     img = f"_{job.img_size}px" if job.img_size and job.img_size != spec.img_size else ""
-    return f"{name}_r{job.r:g}{img}_{batch}_{job.precision}_{settings_tag(job)}"
+    stem = f"{name}_r{job.r:g}{img}_{batch}_{job.precision}_{settings_tag(job)}"
+    if job.precision in QUANTIZED_PRECISIONS:  # the calibrator and images change the graph
+        from mame_export.quant.step import calib_tag
+
+        stem += f"_{calib_tag(job)}"
+    return stem
 
 
 def check_destination(out_dir: Path, stem: str) -> None:
@@ -147,6 +154,10 @@ def run_export(req: ExportRequest | Job, log: Log = stderr_log,
     """
     job = req if isinstance(req, Job) else resolve_job(req, export=True, spec=spec)
     check_out_dir(job.out_dir)
+    if job.precision in QUANTIZED_PRECISIONS:
+        from mame_export.quant.step import check_calib_early
+
+        check_calib_early(job)  # a bad --calib folder: one line, before any work
     if job.target_macs is None:
         check_destination(job.out_dir, graph_stem(job.spec, job))
     built = build(job, log)
@@ -198,17 +209,32 @@ def _export_in(tmp: Path, built: Built, stem: str, log: Log) -> dict[str, Any]:
     io = job.io
     assert io is not None and plan is not None
     graph = tmp / f"{stem}.onnx"
+    quantized = job.precision in QUANTIZED_PRECISIONS
+    # A quantized graph is made from an fp32 export, kept hidden (not committed) beside it.
+    exported = tmp / f".{stem}.fp32.onnx" if quantized else graph
+    if quantized:
+        from mame_export.quant import step as quant_step
+
+        quant_step.check_quantizable(model, bool(plan.merge_layers), job.spec.alias,
+                                     job.precision)
     export_model = (model if job.dtype == torch.float32
                     else reduced_precision_copy(model, job.dtype))
     example = export_example(job)
-    log(f"[2/5] exporting to ONNX (opset {job.opset}, {job.precision}, "
+    log(f"[2/5] exporting to ONNX (opset {job.opset}, "
+        f"{'fp32, then ' if quantized else ''}{job.precision}, "
         f"batch {'dynamic' if job.dynamic_batch else job.batch}) ...")
-    result = export_onnx(export_model, example, graph, input_names=io.input_names,
+    result = export_onnx(export_model, example, exported, input_names=io.input_names,
                          output_names=io.output_names, dynamic_batch=job.dynamic_batch,
                          opset=job.opset, max_batch=MAX_BATCH)
     del export_model
     log(f"      wrote {stem}.onnx ({result.bytes / 1e6:.1f} MB"
         f"{', external data' if result.external_data else ''}) in {result.seconds:.1f} s")
+    quantization = None
+    if quantized:
+        quantization, calib = quant_step.quantize_step(job, model, exported, graph,
+                                                       result.external_data, log)
+        result = replace(result, path=graph, sha256=sha256_file(graph),
+                         bytes=graph.stat().st_size)
 
     log("[3/5] auditing the graph ...")
     report = audit(graph, expect_dynamic_batch=job.dynamic_batch)
@@ -216,17 +242,28 @@ def _export_in(tmp: Path, built: Built, stem: str, log: Log) -> dict[str, Any]:
 
     sizes = job.parity_batch_sizes()
     at = f" at batch {', '.join(map(str, sizes))} in turn" if job.dynamic_batch else ""
-    log(f"[4/5] parity vs eager PyTorch (fp32) on {job.parity_batches} fresh random "
-        f"batches{at} ...")
+    inputs = ("batches of the calibration images" if quantized and job.calib is not None
+              else "fresh random batches")
+    log(f"[4/5] parity vs eager PyTorch (fp32) on {job.parity_batches} {inputs}{at} ...")
     ref, cands = select_runners(model, io, graph, job.runners, job.trt, job.engines_dir)
-    parity = check_parity(ref, cands, feeds_maker(io, sizes), job.precision,
+    make_feeds = feeds_maker(io, sizes)
+    if quantized:
+        make_feeds = quant_step.parity_inputs(job, calib, make_feeds, sizes)
+    parity = check_parity(ref, cands, make_feeds, job.precision,
                           batches=max(job.parity_batches, len(sizes)), seed=job.seed,
                           tolerance=tolerance(job, io, model))
     log(parity.summary())
+    if quantized:
+        assert quantization is not None
+        vs_fp32, agreement = quant_step.compare_with_fp32(
+            job, exported, graph, make_feeds, sizes, bool(plan.merge_layers), log)
+        quantization.update(parity_vs_fp32=vs_fp32.to_dict(), selection_agreement=agreement)
 
     meta = metadata(job, job.spec, plan, built.source, result, report.to_dict(), parity, io,
                     example)
     meta["weights_sha256"] = state_dict_sha256(model)
+    if quantization is not None:
+        meta["quantization"] = quantization
     return meta
 
 

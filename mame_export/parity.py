@@ -83,6 +83,11 @@ TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs=1e-3, max_rel=1e-3),
     "fp16": Tolerance(max_abs=5e-2, max_rel=5e-2, min_cosine=0.999, min_top1=0.98),
     "bf16": Tolerance(max_abs=2e-1, max_rel=1e-1, min_cosine=0.995, min_top1=0.95),
+    # QDQ graphs (mame_export.quant): per-tensor INT8 activations round each matmul input
+    # to 1/127 of its calibrated range, so elements move more; direction and decisions
+    # judge them, as for bf16, more loosely. fp8 (E4M3, 3 mantissa bits) more loosely still.
+    "int8": Tolerance(max_abs=1.0, max_rel=0.5, min_cosine=0.98, min_top1=0.9),
+    "fp8": Tolerance(max_abs=2.0, max_rel=1.0, min_cosine=0.95, min_top1=0.8),
 }
 # The fp32 allowance for selection flips in merged models (see Tolerance.flip_rel_l2);
 # fp16 and bf16 already judge by cosine and decisive top-1.

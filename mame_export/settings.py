@@ -230,3 +230,6 @@ def check_calib_options(precision: str, calib: object | None, method: str) -> No
     if precision not in QUANTIZED_PRECISIONS and (calib is not None or method != "minmax"):
         raise UserError(f"--calib and --calib-method calibrate a quantized graph; add "
                         f"--precision {' or '.join(QUANTIZED_PRECISIONS)} (got {precision})")
+    if precision == "fp8" and method != "minmax":
+        raise UserError("--precision fp8 calibrates with ONNX Runtime's distribution "
+                        "calibrator only; drop --calib-method")

@@ -452,7 +452,7 @@ def test_13_bad_sidecars(tiny_export, tmp_path, kind) -> None:
         elif kind == "impossible-batch":
             meta["settings"]["batch"] = -3
         elif kind == "impossible-precision":
-            meta["settings"]["precision"] = "fp8"
+            meta["settings"]["precision"] = "int4"
         else:
             meta["settings"] = {**meta["settings"], "layers": "all", "r": "half"}
             needle = "unreadable metadata sidecar"

@@ -284,7 +284,7 @@ def test_runner_refuses_an_engine_built_elsewhere(fake_trt: FakeTRT, monkeypatch
 # --- options --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,needle", [
-    ({"precision": "int8"}, "--precision"),
+    ({"precision": "int4"}, "--precision"),  # int8 and fp8: QDQ graphs (mame_export.quant)
     ({"min_batch": 0}, "--min-batch must be a positive integer"),
     ({"max_batch": -2}, "--max-batch"),
     ({"opt_batch": 2.5}, "--opt-batch"),

@@ -25,9 +25,10 @@ with its message and the next part runs):
 
 1. ``env``: GPU, driver, torch / CUDA / cuDNN / timm / onnx / onnxruntime versions,
    ONNX Runtime providers, Python, command line, UTC date.
-2. ``parity``: ``mame-export parity vit_b --r 0.5 --precision P --json`` for fp32 and
-   fp16: the graph on every graph runner (ONNX Runtime CPU and CUDA, TensorRT; those that
-   cannot run here are skipped with the reason) against eager fp32 PyTorch.
+2. ``parity``: ``mame-export parity vit_b --r 0.5 --precision P --json`` for fp32,
+   fp16 and int8 (a QDQ graph, the merge in fp32): the graph on every graph runner
+   (ONNX Runtime CPU and CUDA, TensorRT; those that cannot run here are skipped with the
+   reason) against eager fp32 PyTorch.
 3. ``latency``: ``mame-export profile`` in fp16 on the GPU, one call per group: vit_b
    batch 256 and 1 (unmerged, MaMe and ToMe at r=0.5 and at the r where MACs halve,
    from ``mame-export plan --target-macs 0.5``) eager; ``clip_l336 --llava`` (LLaVA-1.5's

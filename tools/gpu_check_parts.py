@@ -41,6 +41,11 @@ class LatencyGroup:
                          ",".join(self.backends)])
 
 
+# The parity part's precisions: int8 is the QDQ graph (random calibration: the parity
+# inputs are random too), on every graph runner, TensorRT and ONNX Runtime CUDA included.
+PARITY_PRECISIONS = ("fp32", "fp16", "int8")
+
+
 @dataclass(frozen=True)
 class Config:
     dry_run: bool
@@ -81,7 +86,7 @@ def make_config(dry_run: bool) -> Config:
         timing = {"warmup": 1, "min_iters": 3, "max_iters": 5, "seconds": 0.05,
                   "input_sets": 2}
         # fp32: PyTorch's fp16 CPU kernels make even tiny models slow.
-        return Config(True, "cpu", "fp32", "vit_b", 2, 2, ("fp32", "fp16"), groups, timing,
+        return Config(True, "cpu", "fp32", "vit_b", 2, 2, PARITY_PRECISIONS, groups, timing,
                       "onnxrt", "vit_b", 2, threads=1, compile_backend="aot_eager",
                       cap_s=240.0, ort_reserve_s=30.0)
     llava = ("--llava",)
@@ -97,7 +102,7 @@ def make_config(dry_run: bool) -> Config:
                      min_s=60, cap_s=150),
     )
     timing = {"warmup": 5, "min_iters": 20, "max_iters": 2000, "seconds": 1.5, "input_sets": 3}
-    return Config(False, "cuda", "fp16", "vit_b", 8, 3, ("fp32", "fp16"), groups, timing,
+    return Config(False, "cuda", "fp16", "vit_b", 8, 3, PARITY_PRECISIONS, groups, timing,
                   "onnxrt-cuda", "vit_b", 32, threads=None, compile_backend="inductor",
                   cap_s=120.0, ort_reserve_s=60.0)
 

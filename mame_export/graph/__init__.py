@@ -52,6 +52,9 @@ _PRECISION = {
     onnx.TensorProto.FLOAT: "fp32",
     onnx.TensorProto.FLOAT16: "fp16",
     onnx.TensorProto.BFLOAT16: "bf16",
+    # QDQ graphs (mame_export.quant): most weight elements are quantized
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.FLOAT8E4M3FN: "fp8",
 }
 
 

@@ -113,3 +113,22 @@ def per_sample_differences(reference: Sequence[np.ndarray], other: Sequence[np.n
             return f"comparison {i} (shape {list(a.shape)}) has no axis of {samples} sample(s)"
         differs |= (a != b).reshape(samples, -1).any(axis=1)
     return differs
+
+
+def merge_agreement(reference: Sequence[np.ndarray], other: Sequence[np.ndarray],
+                    groups: Sequence[str], samples: int) -> tuple[int, int] | str:
+    """How many merges pick the same tokens in two runs of graphs that pair (an fp32 graph
+    and its quantized form): ``(same, merges)``, a merge being one sample in one group of
+    decisions (``groups[i]`` names the merge that decision ``i`` belongs to, e.g. its
+    block's merge scope) and the same when every decision of it agrees; or, where the
+    lists cannot be paired, one line saying why."""
+    if not len(reference) == len(other) == len(groups):
+        return (f"{len(reference)} and {len(other)} decisions in the two runs, "
+                f"{len(groups)} groups")
+    names = list(dict.fromkeys(groups))
+    differs = np.zeros((samples, len(names)), dtype=bool)
+    for i, (a, b, g) in enumerate(zip(reference, other, groups, strict=True)):
+        if a.shape != b.shape or a.ndim == 0 or a.shape[0] != samples:
+            return f"decision {i} has shapes {list(a.shape)} and {list(b.shape)}"
+        differs[:, names.index(g)] |= (a != b).reshape(samples, -1).any(axis=1)
+    return int((~differs).sum()), int(differs.size)

@@ -37,7 +37,8 @@ from mame_export.trt.detect import tensorrt_status
 if TYPE_CHECKING:
     import tensorrt
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+# fp32/fp16/bf16 graphs, and QDQ graphs (int8, fp8: explicit quantization, mame_export.quant)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 SIDECAR_FORMAT = 1
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
                "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
@@ -83,7 +84,7 @@ class EngineOptions:
         """Raise ``OptionsError`` (a ``ValueError``) with one line on a bad value or combination."""
         if self.precision not in PRECISIONS:
             raise OptionsError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
-                               f"{self.precision!r} (INT8/FP8 need Q/DQ nodes in the graph)")
+                               f"{self.precision!r}")
         batches = {"--min-batch": self.min_batch, "--opt-batch": self.opt_batch,
                    "--max-batch": self.max_batch}
         for flag, value in batches.items():

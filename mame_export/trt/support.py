@@ -110,7 +110,23 @@ def trt_preflight(model: onnx.ModelProto) -> list[Finding]:
             continue  # the parser imports a function's body where it is called
         facts.scope = site.function
         findings.extend(_check_node(site.node, site.typed, table, facts))
+        findings.extend(_explicit_quantization(site.node, facts))
     return findings
+
+
+def _explicit_quantization(node: onnx.NodeProto, facts: _Facts) -> list[Finding]:
+    """TensorRT's explicit quantization takes symmetric Q/DQ only: a zero point, where
+    given, must be a constant of zeros (mame_export.quant writes them so)."""
+    if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3 \
+            or not node.input[2]:
+        return []
+    zero = facts.value(node.input[2])
+    if zero is not None and not np.any(zero):
+        return []
+    why = "is not a constant" if zero is None else "is not 0"
+    return [Finding("tensorrt", node.op_type, node.name, f"zero point {node.input[2]!r} {why}; "
+                    "TensorRT's explicit quantization takes symmetric scales only (zero "
+                    "points 0)")]
 
 
 def _check_node(node: onnx.NodeProto, typed: bool, table: Mapping[str, Any],
