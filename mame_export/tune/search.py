@@ -20,8 +20,9 @@ schedule follows from it. The search runs in three stages, each bounded:
    ``linear``: each block removes the same count, ToMe's) and a curve ``gamma`` (a block
    ``t`` of the way through the merge blocks has done ``t ** gamma`` of the removal:
    below 1 merges early, above 1 late). For each shape, the smallest removal that meets
-   the budget is solved (the plan's MACs are monotone in it). It starts from MaMe's
-   default (the first 8 blocks, geometric, gamma 1) and improves one knob at a time.
+   the budget is solved (the plan's MACs are monotone in it). It scores MaMe's default
+   (the first 8 blocks, geometric, gamma 1) and ToMe's schedule (every block, linear),
+   then moves one knob at a time towards the best mean score.
 2. **Similarity.** The best shape with the other similarity (size-aware vs cosine).
 3. **Per-block moves** (seeded): one block keeps ``delta`` more tokens, another fewer
    to pay for it, kept when it beats the best so far: what no curve can express.
@@ -226,6 +227,12 @@ class Search:
                                    self.default_end, (5 * self.depth) // 6, self.depth)
                        if 2 <= e <= self.depth})
         best_shape = start or Shape(0, self.depth, DEFAULT_GAMMA)
+        # ToMe's own schedule (the same count in every block) is a strong prior: scored early
+        self._try_shape(Shape(0, self.depth, DEFAULT_GAMMA, "linear"), similarity)
+        # The knobs move towards the best mean score (exploration); what is *taken* is
+        # decided by the noise rule (Candidate.beats), so a lucky mean is explored from
+        # but chosen only if it is clearly better.
+        anchor = max(self.order, key=lambda c: c.score).score if self.order else -math.inf
         for _round in range(2):
             improved = False
             for knob in ("profile", "end", "gamma", "start"):
@@ -243,16 +250,15 @@ class Search:
                     options = [Shape(s, best_shape.end, best_shape.gamma, best_shape.profile)
                                for s in STARTS if s < best_shape.end - 1]
                 for shape in options:
-                    before = self.incumbent
                     cand = self._try_shape(shape, similarity)
-                    if cand is not None and self.incumbent is cand and cand is not before:
-                        best_shape, improved = shape, True
+                    if cand is not None and cand.score > anchor:
+                        best_shape, anchor, improved = shape, cand.score, True
             if not improved:
                 break
         return best_shape
 
     def _similarity_stage(self, shape: Shape) -> str:
-        best = self.best()
+        best = max(self.order, key=lambda c: c.score)  # the explored best, as the shapes
         for sim in self.similarities:
             if sim != best.similarity and self.left() > 0 and self.fits(best.counts, sim):
                 self.evaluate(best.counts, sim, "similarity", "the best schedule so far")
