@@ -227,12 +227,15 @@ class Search:
                                    self.default_end, (5 * self.depth) // 6, self.depth)
                        if 2 <= e <= self.depth})
         best_shape = start or Shape(0, self.depth, DEFAULT_GAMMA)
-        # ToMe's own schedule (the same count in every block) is a strong prior: scored early
-        self._try_shape(Shape(0, self.depth, DEFAULT_GAMMA, "linear"), similarity)
         # The knobs move towards the best mean score (exploration); what is *taken* is
         # decided by the noise rule (Candidate.beats), so a lucky mean is explored from
         # but chosen only if it is clearly better.
         anchor = max(self.order, key=lambda c: c.score).score if self.order else -math.inf
+        # ToMe's own schedule (the same count in every block) is a strong prior: scored early
+        prior = Shape(0, self.depth, DEFAULT_GAMMA, "linear")
+        cand = self._try_shape(prior, similarity)
+        if cand is not None and cand.score > anchor:
+            best_shape, anchor = prior, cand.score
         for _round in range(2):
             improved = False
             for knob in ("profile", "end", "gamma", "start"):
