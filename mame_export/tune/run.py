@@ -171,7 +171,8 @@ def run_tune(job: Job, s: TuneSettings, log: Log, batch: int = 16) -> dict[str, 
         log(f"searching a plan at MACs ratio {target:g} ({s.max_candidates} candidates at most)")
         t0 = time.perf_counter()
         search = Search(num_patches, depth, target, macs, scorer, s.max_candidates, s.seed,
-                        s.similarities, default_end=len(patcher.default_layers(depth)), log=log)
+                        s.similarities, default_end=len(patcher.default_layers(depth)), log=log,
+                        groups=items.labels)
         try:
             result = search.run()
         except BudgetUnreachable as e:
@@ -184,7 +185,8 @@ def run_tune(job: Job, s: TuneSettings, log: Log, batch: int = 16) -> dict[str, 
             depth=depth, target_macs=float(target), macs_ratio=best.macs_ratio,
             metric=s.metric, score=best.score, keep_counts=keep, similarity=best.similarity,
             prop_attn=True, tau=1.0,
-            search={"calibration": {"data": str(s.data), "images": images, "kind": "images"},
+            search={"calibration": {"data": str(s.data), "images": images, "kind": items.kind,
+                                    "groups": len(set(items.labels)) if items.labels else None},
                     "seed": s.seed, "max_candidates": s.max_candidates,
                     "similarities": list(s.similarities), "seconds": round(
                         time.perf_counter() - t0, 1),

@@ -6,9 +6,12 @@ ratio, merge products counted: arithmetic, instant) and ``score(keep, similarity
 fidelity on each calibration image: a forward pass over them, the expensive part). Every
 candidate sits at or under the budget; each is scored at most once.
 
-A candidate replaces the best so far only when it is better by more than the noise of
-the images: its mean gain, image by image, must exceed :data:`SIGNIFICANCE_Z` standard
-errors of those gains. Gains inside the noise are what the calibration images happen to
+Schedule shapes (a few knobs) are taken by their mean score. The similarity and the
+per-block moves, which can fit the calibration images' noise, replace the best so far
+only when better by more than that noise: their mean gain must exceed
+:data:`SIGNIFICANCE_Z` standard errors of the gains, image by image, or group by group
+when the images come in groups (class folders: e.g. augmented views of one photo, which
+are not independent). Gains inside the noise are what the calibration images happen to
 favour, and measured, they do not carry over to other images (docs/method.md).
 
 A schedule is the mergeable tokens *leaving* each block (``counts``, non-increasing from
@@ -93,10 +96,16 @@ class Candidate:
     def score(self) -> float:
         return sum(self.per_image) / max(len(self.per_image), 1)
 
-    def beats(self, other: Candidate) -> bool:
+    def beats(self, other: Candidate, groups: Sequence[int] | None = None) -> bool:
         """Better than ``other`` by more than the images' noise (see the module
-        docstring): the mean of the per-image gains over SIGNIFICANCE_Z standard errors."""
+        docstring): the mean of the gains over SIGNIFICANCE_Z standard errors, the gains
+        averaged per group first when ``groups`` (one id per image) are given."""
         gains = [a - b for a, b in zip(self.per_image, other.per_image, strict=True)]
+        if groups is not None:
+            by_group: dict[int, list[float]] = {}
+            for g, gain in zip(groups, gains, strict=True):
+                by_group.setdefault(g, []).append(gain)
+            gains = [sum(v) / len(v) for v in by_group.values()]
         n = len(gains)
         mean = sum(gains) / n
         if n < 2:
@@ -128,13 +137,15 @@ class Search:
                  macs: Callable[[Keep, str], float],
                  score: Callable[[Keep, str], Sequence[float]],
                  max_candidates: int, seed: int, similarities: Sequence[str],
-                 default_end: int, log: Callable[[str], None]) -> None:
+                 default_end: int, log: Callable[[str], None],
+                 groups: Sequence[int] | None = None) -> None:
         self.n, self.depth, self.target = num_patches, depth, target
         self._macs, self._score = macs, score
         self.max_candidates, self.seed = max_candidates, seed
         self.similarities = tuple(similarities)
         self.default_end = default_end
         self.log = log
+        self.groups = groups  # one id per calibration image (its class folder), or None
         self.scored: dict[tuple[Counts, str], Candidate] = {}
         self.order: list[Candidate] = []
         self.incumbent: Candidate | None = None  # the best so far (see Candidate.beats)
@@ -183,7 +194,10 @@ class Search:
                          how)
         self.scored[key] = cand
         self.order.append(cand)
-        taken = self.incumbent is None or cand.beats(self.incumbent)
+        by_mean = stage in ("default", "shape")  # shapes: by their mean (module docstring)
+        taken = self.incumbent is None or (
+            cand.score > self.incumbent.score if by_mean else
+            cand.beats(self.incumbent, self.groups))
         if taken:
             self.incumbent = cand
         self.log(f"  [{self.spent}/{self.max_candidates}] MACs {cand.macs_ratio:.3f}, "
@@ -227,9 +241,7 @@ class Search:
                                    self.default_end, (5 * self.depth) // 6, self.depth)
                        if 2 <= e <= self.depth})
         best_shape = start or Shape(0, self.depth, DEFAULT_GAMMA)
-        # The knobs move towards the best mean score (exploration); what is *taken* is
-        # decided by the noise rule (Candidate.beats), so a lucky mean is explored from
-        # but chosen only if it is clearly better.
+        # The knobs move towards the best mean score, one at a time.
         anchor = max(self.order, key=lambda c: c.score).score if self.order else -math.inf
         # ToMe's own schedule (the same count in every block) is a strong prior: scored early
         prior = Shape(0, self.depth, DEFAULT_GAMMA, "linear")
