@@ -377,8 +377,13 @@ def build(job: Job, log: Log = stderr_log, patch: bool = True) -> Built:
     except (ValueError, TypeError) as e:  # layers out of range, a family MaMe lacks, ...
         raise UserError(str(e)) from None
     plan = merge_plan(model)
+    warn_if_no_effect(job, plan)
+    return Built(job, model, plan, source)
+
+
+def warn_if_no_effect(job: Job, plan: MergePlan) -> None:
+    """A warning when the job's r merges nothing at this input size and these layers."""
     if job.r > 0 and not plan.merge_layers:
         warn(f"r={job.r:g} has no effect here: {plan.num_patches} patch token(s) in "
              f"{len(plan.blocks)} blocks leave nothing to merge at this input size and these "
              "layers, so the model runs unmerged")
-    return Built(job, model, plan, source)

@@ -4,8 +4,20 @@ the fixtures: a run of test files that use none of them loads no torch here."""
 from __future__ import annotations
 
 import json
+import signal
+import sys
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Signals at their default disposition for this run and the child processes the tests
+    start: a suite started in the background by a non-interactive shell (`cmd &`) or under
+    `nohup` inherits SIGINT or SIGHUP ignored, and the tests of Ctrl-C, SIGTERM and SIGHUP
+    would then see a command that, rightly, ignores them."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if sys.platform != "win32":
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ def _skeleton_plan(job: Job) -> MergePlan | None:
     on the modules' shapes, so nothing is built (an SDXL UNet's weights are 10 GB)."""
     from mame_export.errors import UserError
     from mame_export.patch import apply, merge_plan
-    from mame_export.request import solve_rs
+    from mame_export.request import solve_rs, warn_if_no_effect
 
     skeleton = job.family.skeleton(job.spec, job.img_size)
     if skeleton is None:
@@ -31,9 +31,11 @@ def _skeleton_plan(job: Job) -> MergePlan | None:
     if job.target_macs is not None:
         job = job.with_model(rs=solve_rs(job, skeleton, lambda _msg: None))
     try:
-        return merge_plan(apply(skeleton, job.r, **job.patch_settings()))
+        plan = merge_plan(apply(skeleton, job.r, **job.patch_settings()))
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
+    warn_if_no_effect(job, plan)
+    return plan
 
 
 def run(args: argparse.Namespace) -> int:
