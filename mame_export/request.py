@@ -69,6 +69,8 @@ class ExportRequest:
     plan: Any = None
     calib: Path | None = None  # calibration images of a quantized graph (--calib DIR)
     calib_method: str = "minmax"  # mame_export.settings.CALIB_METHODS
+    # module-path patterns whose MatMul/Gemm/Conv stay in high precision (--quant-keep)
+    quant_keep: tuple[str, ...] = ()
 
     def validate(self, export: bool = True, check_opset: bool = True) -> None:
         """One-line UserErrors for bad settings, before any work; ``export=False`` allows
@@ -117,6 +119,7 @@ class Job:
     plan_is_variant: bool = False
     calib: Path | None = None  # calibration images (quantized precisions)
     calib_method: str = "minmax"
+    quant_keep: tuple[str, ...] = ()  # layers kept in high precision (--quant-keep)
 
     @property
     def r(self) -> float:
@@ -186,6 +189,7 @@ def check_settings(req: ExportRequest, export: bool = True, check_opset: bool = 
         settings.check_batch(req.batch)
     settings.check_graph_precision(req.precision)
     settings.check_calib_options(req.precision, req.calib, req.calib_method)
+    settings.check_quant_keep(req.precision, req.quant_keep)
     if check_opset:
         settings.check_opset(req.opset)
     settings.check_positive_size(req.img_size)
@@ -288,6 +292,7 @@ def resolve_job(req: ExportRequest, export: bool = True, spec: ModelSpec | None 
         trt=req.trt, engines_dir=Path(req.engines_dir), llava=bool(req.llava), threads=req.threads,
         export=export, plan_file=plan_file, plan_is_variant=plan_is_variant,
         calib=None if req.calib is None else Path(req.calib), calib_method=req.calib_method,
+        quant_keep=tuple(req.quant_keep),
     )
 
 

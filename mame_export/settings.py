@@ -233,3 +233,16 @@ def check_calib_options(precision: str, calib: object | None, method: str) -> No
     if precision == "fp8" and method != "minmax":
         raise UserError("--precision fp8 calibrates with ONNX Runtime's distribution "
                         "calibrator only; drop --calib-method")
+
+
+def check_quant_keep(precision: str, patterns: object) -> tuple[str, ...]:
+    """``--quant-keep``: module-path patterns (``blocks.*.mlp.fc2``) of a quantized graph's
+    layers to keep in high precision; whether each matches a layer is checked on the graph."""
+    if not isinstance(patterns, (tuple, list)) or not all(
+            isinstance(p, str) and p.strip() and "," not in p for p in patterns):
+        raise UserError(f"--quant-keep takes module-path patterns separated by commas, e.g. "
+                        f"'blocks.*.mlp.fc2'; got {patterns!r}")
+    if patterns and precision not in QUANTIZED_PRECISIONS:
+        raise UserError(f"--quant-keep keeps layers of a quantized graph in high precision; "
+                        f"add --precision {' or '.join(QUANTIZED_PRECISIONS)} (got {precision})")
+    return tuple(p.strip() for p in patterns)

@@ -138,11 +138,17 @@ def test_int8_parity_against_the_fp32_graph(tiny_graphs):
     assert report.results[0].status == "passed", report.summary()
     same = selection_agreement(tiny_graphs["fp32"], tiny_graphs["fp32"], feeds, 1)
     assert same == {"same": 8, "merges": 8, "fraction": 1.0,  # 4 samples, 2 merging blocks
-                    "same_tokens": 4 * (8 + 6), "tokens": 4 * (8 + 6), "token_fraction": 1.0}
+                    "same_tokens": 4 * (8 + 6), "tokens": 4 * (8 + 6), "token_fraction": 1.0,
+                    "by_block": {"blocks.0": 1.0, "blocks.1": 1.0}}
     agreement = selection_agreement(tiny_graphs["fp32"], tiny_graphs["int8"], feeds, 1)
     # (random weights: near-tied similarities, so targets move; real weights: docs)
     assert agreement["merges"] == 8 and 0 <= agreement["same"] <= 8
     assert agreement["tokens"] == 56 and 0 <= agreement["token_fraction"] <= 1
+    # per block: 4 samples x 8 candidates in block 0, x 6 in block 1
+    by_block = agreement["by_block"]
+    assert list(by_block) == ["blocks.0", "blocks.1"]
+    assert round((by_block["blocks.0"] * 32 + by_block["blocks.1"] * 24) / 56, 3) == round(
+        agreement["token_fraction"], 3)
 
 
 # ---------------------------------------------------------------- bad input, the CLI

@@ -82,6 +82,7 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
         p.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax",
                        help="activation ranges from the calibration: minmax (default), "
                             "entropy or percentile (ONNX Runtime's calibrators)")
+        add_quant_keep(p)
         p.add_argument("--opset", type=int, default=18,
                        help="ONNX opset, 18 to 22 (default 18)")
         p.add_argument("--out", type=Path, default=Path("graphs"),
@@ -125,6 +126,7 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         parity_batches=getattr(args, "parity_batches", 3), seed=getattr(args, "seed", None),
         calib=getattr(args, "calib", None),
         calib_method=getattr(args, "calib_method", "minmax"),
+        quant_keep=getattr(args, "quant_keep", ()),
     )
     if getattr(args, "trt", False):
         from mame_export.trt.engine import EngineOptions, parse_size
@@ -170,3 +172,15 @@ def add_model_command(sub: argparse._SubParsersAction, name: str, summary: str,
     p = sub.add_parser(name, help=summary, description=description)
     p.add_argument("model", metavar="MODEL", help=model_help)
     return p
+
+
+def patterns(text: str) -> tuple[str, ...]:
+    """A comma-separated list of patterns (empty items dropped)."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def add_quant_keep(p: argparse.ArgumentParser) -> None:
+    """``--quant-keep``: the layers a quantized graph keeps in high precision."""
+    p.add_argument("--quant-keep", type=patterns, default=(), metavar="PATTERN[,PATTERN...]",
+                   help="int8/fp8: also keep these layers in high precision, by module path "
+                        "(fnmatch, e.g. 'blocks.*.mlp.fc2'; the merge always stays fp32)")

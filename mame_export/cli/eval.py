@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mame_export.cli.common import add_model_command, float_list, parse_layers
+from mame_export.cli.common import add_model_command, add_quant_keep, float_list, parse_layers
 from mame_export.errors import UserError
+from mame_export.settings import CALIB_METHODS
 
 if TYPE_CHECKING:
     from mame_export.request import Job
@@ -23,7 +24,8 @@ DESCRIPTION = (
     "linear-probe accuracy. Video classifiers: on clips (folders of frames). UNets: noise-"
     "prediction cosine and relative L2 error over 10 timesteps, on --data latents or seeded "
     "random ones (a fidelity check, not image quality). --graph adds an exported graph run "
-    "through ONNX Runtime. Class sub-folders with integer names are those class indices; "
+    "through ONNX Runtime; --precision int8 adds the unmerged model and MaMe as INT8 QDQ "
+    "graphs (ONNX Runtime). Class sub-folders with integer names are those class indices; "
     "other names map to indices in sorted order.")
 
 
@@ -65,6 +67,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="use the first N images (spread over classes); UNets without --data: "
                         "N random latents (default 4)")
     p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="int8: also score the unmerged model and MaMe as INT8 QDQ graphs in "
+                        "ONNX Runtime, beside the fp32 rows (docs/quantization.md)")
+    p.add_argument("--calib", type=Path, default=None, metavar="DIR",
+                   help="int8: calibration images, disjoint from --data (default: random "
+                        "inputs, with a warning)")
+    p.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax",
+                   help="int8: minmax (default), entropy or percentile")
+    add_quant_keep(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON object on stdout (progress goes to stderr)")
@@ -100,7 +111,8 @@ def resolved_job(args: argparse.Namespace) -> Job:
     req = ExportRequest(model=args.model, tau=args.tau, layers=args.layers,
                         prop_attn=args.prop_attn, img_size=args.img_size, weights=args.weights,
                         llava=args.llava, batch=args.batch, threads=args.threads,
-                        plan=args.plan)
+                        plan=args.plan, precision=args.precision, calib=args.calib,
+                        calib_method=args.calib_method, quant_keep=args.quant_keep)
     from mame_export.request import resolve_job
 
     if args.r is None and args.target_macs is None and args.plan is None:

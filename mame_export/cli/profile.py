@@ -10,9 +10,17 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mame_export.cli.common import add_model_command, float_list, int_list, name_list, parse_layers
+from mame_export.cli.common import (
+    add_model_command,
+    add_quant_keep,
+    float_list,
+    int_list,
+    name_list,
+    parse_layers,
+)
 from mame_export.cli.plotpath import check_plot_path
 from mame_export.errors import UserError
+from mame_export.settings import CALIB_METHODS, GRAPH_PRECISIONS
 
 if TYPE_CHECKING:  # mame_export.profile imports torch: it loads when the command runs
     from mame_export.families import ModelSpec
@@ -50,7 +58,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int_list, default=None, metavar="N[,N...]",
                    help="batch sizes, 1 to 4096 (default: the model's, 1; 2 for the "
                         "denoisers: CFG)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--precision", choices=GRAPH_PRECISIONS, default="fp32",
+                   help="fp32 (default), fp16, bf16; int8/fp8 time each variant's fp32 graph "
+                        "and its QDQ graph on the graph backends (the merge stays fp32)")
+    p.add_argument("--calib", type=Path, default=None, metavar="DIR",
+                   help="int8/fp8: calibration images (default: random inputs, with a "
+                        "warning; latency does not depend on them)")
+    p.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax",
+                   help="int8: minmax (default), entropy or percentile")
+    add_quant_keep(p)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch and ONNX Runtime (default: all available)")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: model's)")
@@ -123,7 +139,9 @@ def resolved_job(args: argparse.Namespace) -> Job:
     req = ExportRequest(model=args.model, tau=args.tau, layers=args.layers,
                         prop_attn=args.prop_attn, img_size=args.img_size, weights=args.weights,
                         llava=args.llava, precision=args.precision, threads=args.threads,
-                        batch=None if not args.batch else args.batch[0], plan=args.plan)
+                        batch=None if not args.batch else args.batch[0], plan=args.plan,
+                        calib=args.calib, calib_method=args.calib_method,
+                        quant_keep=args.quant_keep)
     return resolve_job(req, export=False, rs=args.r, plan_is_variant=True)
 
 
@@ -135,6 +153,12 @@ def command_line(args: argparse.Namespace, spec: ModelSpec) -> str:
              "--backends", ",".join(args.backends), "--device", args.device,
              "--batch", ",".join(str(b) for b in args.batch or [spec.default_batch]),
              "--precision", args.precision]
+    if args.calib is not None:
+        parts += ["--calib", str(args.calib)]
+    if args.calib_method != "minmax":
+        parts += ["--calib-method", args.calib_method]
+    if args.quant_keep:
+        parts += ["--quant-keep", ",".join(args.quant_keep)]
     for flag, value in (("--threads", args.threads), ("--img-size", args.img_size),
                         ("--tau", args.tau), ("--warmup", args.warmup),
                         ("--min-iters", args.min_iters), ("--max-iters", args.max_iters),
@@ -203,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
         for path in (args.markdown, str(Path(args.markdown).with_suffix(".json"))):
             check_plot_path(path, "--markdown", needs_matplotlib=False)
     job = resolved_job(args)  # every model setting checked once, before any build
+    if job.calib is not None:  # int8: a bad --calib folder is refused before the build
+        from mame_export.quant.calib import find_calib_images
+
+        find_calib_images(job.calib, 1)
     old = _old_results(args, job.threads)
     graphs = [load_graph_variant(name, path) for name, path in graph_args]
     report = profile_model(

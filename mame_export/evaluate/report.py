@@ -25,7 +25,9 @@ PANELS: dict[str, list[tuple[str, str]]] = {
              ("rel_l2", "relative L2 error of the noise prediction")],
 }
 MARKERS = {"mame": ("o-", "MaMe"), "mame-plan": ("D", "MaMe, plan file"),
-           "tome": ("x--", "ToMe"), "tomesd": ("x--", "ToMe-SD"), "graph": ("*", "graph")}
+           "tome": ("x--", "ToMe"), "tomesd": ("x--", "ToMe-SD"), "graph": ("*", "graph"),
+           "unmerged-int8": ("s", "unmerged, int8"), "mame-int8": ("s-.", "MaMe, int8"),
+           "mame-plan-int8": ("d", "MaMe plan file, int8")}
 
 
 def _fmt(v: Any, digits: int) -> str:

@@ -8,6 +8,8 @@ data it takes.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from mame_export.families import Family, IOSpec, ModelSpec
 from mame_export.request import Job, build
 
 Log = Callable[[str], None]
+EVAL_TMP_PREFIX = "mame-eval-"  # quantized graphs of a run (pid-tagged, stale ones removed)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,10 @@ def run_eval(job: Job, s: EvalSettings, log: Log) -> dict[str, Any]:
     skeleton = family.skeleton(spec, img_size)
     inputs = inputs_of(family, spec, skeleton, img_size) if skeleton is not None else None
     found = find_data(inputs, s, spec) if inputs is not None else None  # before any build
+    if job.calib is not None:  # quantized rows: a bad --calib is refused before any build
+        from mame_export.quant.calib import find_calib_images
+
+        find_calib_images(job.calib, 1)
     if s.graph is not None and skeleton is not None:
         from mame_export.evaluate.deployed import check_graph
 
@@ -111,8 +118,33 @@ def run_eval(job: Job, s: EvalSettings, log: Log) -> dict[str, Any]:
         from mame_export.evaluate.deployed import graph_variant
 
         variants.append(graph_variant(s.graph, spec, io, model, img_size, job.threads, notes))
+    with _quantized_dir(job) as work:
+        if work is not None:
+            from mame_export.evaluate.quantized import quantized_variants
+
+            variants += quantized_variants(job, model, variants, Path(work), log, notes)
+        return _score(job, s, variants, inputs, found, count, prep, source, notes, log)
+
+
+def _quantized_dir(job: Job) -> contextlib.AbstractContextManager[str | None]:
+    """A temporary folder for the quantized graphs (``--precision int8``), else None."""
+    from mame_export.settings import QUANTIZED_PRECISIONS
+
+    if job.precision not in QUANTIZED_PRECISIONS:
+        return contextlib.nullcontext(None)
+    from mame_export.artifacts import clean_stale_dirs, tmp_prefix
+
+    clean_stale_dirs(Path(tempfile.gettempdir()), (EVAL_TMP_PREFIX,))
+    return tempfile.TemporaryDirectory(prefix=tmp_prefix(EVAL_TMP_PREFIX))
+
+
+def _score(job: Job, s: EvalSettings, variants: list[Any], inputs: Inputs, found: Any,
+           count: int, prep: Any, source: str, notes: list[str], log: Log) -> dict[str, Any]:
+    """Run every variant on the data and make the report."""
+    io = job.io
+    assert io is not None
     report: dict[str, Any] = {"kind": kind_of(io, inputs), "inputs": inputs.kind,
-                              "weights": source}
+                              "weights": source, "precision": job.precision}
     if inputs.kind == "latents":
         latents = latent_batches(io, found, count, job.batch)
         res = evaluate_unet(variants, io, latents, found is None, log)

@@ -46,7 +46,7 @@ class Variant:
 def row_of(v: Variant, metrics: dict[str, Any]) -> dict[str, Any]:
     """One report row: the variant, its plan's MACs ratio and tokens, time, metrics."""
     return {"name": v.name, "method": v.method, "r": v.r,
-            "macs_ratio": 1.0 if v.method == "unmerged" else v.plan.get("flops_ratio"),
+            "macs_ratio": 1.0 if v.method.startswith("unmerged") else v.plan.get("flops_ratio"),
             "final_patches": v.plan.get("final_patches"), "seconds": round(v.seconds, 3),
             **metrics}
 

@@ -15,6 +15,7 @@ from mame_export.profile.report import ProfileReport
 from mame_export.profile.run import Log, check_graphs, profile, stderr_log
 from mame_export.profile.variants import MergeSettings, family_variants
 from mame_export.request import Job, build
+from mame_export.settings import QUANTIZED_PRECISIONS
 
 
 def check_variants(variants: Sequence[str], spec: ModelSpec, plan: bool = False) -> list[str]:
@@ -69,6 +70,17 @@ def profile_model(
     merge = MergeSettings(job.tau, layers, job.prop_attn, family.patch_options(spec, img_size),
                           plan=plan,
                           plan_r=job.plan_file.r if job.plan_file is not None else 0.0)
+    quantization = None
+    if job.precision in QUANTIZED_PRECISIONS:
+        from mame_export.quant.calib import calibration_feeds
+        from mame_export.quant.graphs import Quantization
+
+        feeds = calibration_feeds(family, spec, model, job.io, img_size, 1, job.calib)
+        where = (f"{len(feeds.feeds)} image(s) from {job.calib}" if job.calib is not None
+                 else f"{len(feeds.feeds)} random input set(s)")
+        quantization = Quantization(job.precision, job.calib_method, feeds, where,
+                                    job.quant_keep)
     return profile(model, model_name=spec.alias, rs=job.rs, io=job.io, merge=merge,
                    variants=variants, batches=batches, backends=backends, graphs=graphs,
-                   log=log, precision=job.precision, threads=job.threads, **options)
+                   log=log, precision=job.precision, threads=job.threads,
+                   quantization=quantization, **options)

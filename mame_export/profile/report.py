@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mame_export.profile.timing import summarize, throughput
+from mame_export.settings import QUANTIZED_PRECISIONS
 
 
 def one_line(e: BaseException, limit: int = 240) -> str:
@@ -51,6 +52,8 @@ class Row:
     speedup: float | None = None
     ideal_speedup: float | None = None
     efficiency: float | None = None
+    # a quantized row (int8, fp8): the fp32 baseline's median over this row's
+    speedup_vs_fp32: float | None = None
     skipped: str | None = None
     exports: bool | None = None
     forbidden_ops: dict[str, int] | None = None
@@ -106,6 +109,9 @@ def add_speedups(rows: list[Row]) -> None:
         if row.flops_ratio:
             row.ideal_speedup = 1.0 / row.flops_ratio
         ref = base.get((row.model, row.backend, row.batch, row.precision))
+        fp32 = base.get((row.model, row.backend, row.batch, "fp32"))
+        if row.median_ms and fp32 and row.precision in QUANTIZED_PRECISIONS:
+            row.speedup_vs_fp32 = fp32 / row.median_ms
         if row.median_ms and ref:
             row.speedup = ref / row.median_ms
             if row.ideal_speedup:
@@ -206,10 +212,24 @@ def _note(row: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+QUANTIZED_COLUMNS: tuple[Column, ...] = (("precision", "precision", ""),
+                                         ("speedup_vs_fp32", "vs fp32 baseline", ".2f"))
+_SUFFIX["speedup_vs_fp32"] = "x"
+
+
+def columns_for(rows: Sequence[dict[str, Any]]) -> tuple[Column, ...]:
+    """COLUMNS, with the precision and the speed-up over the fp32 baseline where the rows
+    are of more than one precision (``--precision int8``)."""
+    if len({r.get("precision") for r in rows}) < 2:
+        return COLUMNS
+    return COLUMNS[:5] + QUANTIZED_COLUMNS[:1] + COLUMNS[5:] + QUANTIZED_COLUMNS[1:]
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A fixed-width terminal table of result rows (dicts as in the JSON)."""
-    head = [h for _, h, _ in COLUMNS] + ["note"]
-    body = [_cells(r, COLUMNS) + [_note(r)] for r in rows]
+    columns = columns_for(rows)
+    head = [h for _, h, _ in columns] + ["note"]
+    body = [_cells(r, columns) + [_note(r)] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
     widths[-1] = 0
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
@@ -218,7 +238,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def format_markdown(rows: Sequence[dict[str, Any]],
-                    columns: Sequence[Column] = COLUMNS) -> str:
+                    columns: Sequence[Column] | None = None) -> str:
     """The result rows as a GitHub markdown table of ``columns`` and a note."""
+    columns = columns_for(rows) if columns is None else columns
     head = [h for _, h, _ in columns] + ["note"]
     return "\n".join(markdown_table(head, [_cells(r, columns) + [_note(r)] for r in rows]))

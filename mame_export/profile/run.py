@@ -26,6 +26,12 @@ from mame_export.profile.graphs import (
     check_graph_names,
     model_input_shapes,
 )
+from mame_export.profile.quantized import (
+    check_quantized_backends,
+    export_quantized,
+    row_precisions,
+    skip_reason,
+)
 from mame_export.profile.report import (
     ProfileReport,
     Row,
@@ -45,6 +51,7 @@ from mame_export.profile.variants import (
     build_variant,
     export_variant,
 )
+from mame_export.quant.graphs import Quantization
 from mame_export.runners import Runner, TimedStep, compile_room, deactivating
 from mame_export.runners.factory import (
     EAGER_RUNNERS,
@@ -54,7 +61,13 @@ from mame_export.runners.factory import (
     make_runner,
     runner_availability,
 )
-from mame_export.settings import check_batches, check_precision, check_rs, check_threads
+from mame_export.settings import (
+    QUANTIZED_PRECISIONS,
+    check_batches,
+    check_graph_precision,
+    check_rs,
+    check_threads,
+)
 
 BACKENDS = RUNNER_NAMES
 # Temporary folders carry the pid (artifacts.tmp_prefix), so a later run removes the ones
@@ -102,7 +115,8 @@ def check_request(
     rs = check_rs(rs)
     backends = check_runner_names(backends, BACKENDS, what="backend", flag="--backends")
     check_batches(batches)
-    check_precision(precision)
+    check_graph_precision(precision)
+    check_quantized_backends(precision, backends)
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise UserError(f"unknown variant(s) {', '.join(bad) or '(none given)'}; choose from "
@@ -143,6 +157,7 @@ def profile(
     seed: int = 0,
     command: str = "",
     log: Log = stderr_log,
+    quantization: Quantization | None = None,
 ) -> ProfileReport:
     """Profile ``model`` (unpatched, left unchanged), its variants and given graphs.
 
@@ -153,8 +168,12 @@ def profile(
     one call each per round (:func:`measure_interleaved`), so their ratios come from the
     same conditions. ONNX graphs are exported once per (variant, r, batch) into
     ``workdir`` (a temporary folder by default) and deleted when the batch is done.
+    A quantized ``precision`` (int8, fp8) times each variant's fp32 graph and its QDQ
+    graph, calibrated as ``quantization`` says (:mod:`mame_export.profile.quantized`).
     """
     rs, backends = check_request(rs, backends, batches, precision, variants)
+    if (quantization is None) != (precision not in QUANTIZED_PRECISIONS):
+        raise ValueError(f"precision {precision} and quantization {quantization} disagree")
     check_graphs(graphs, io, batches, backends, model_name)
     settings = settings or TimingSettings()
     merge = merge or MergeSettings()
@@ -173,6 +192,8 @@ def profile(
                       "merge": {"tau": merge.tau, "layers": merge.layers,
                                 "prop_attn": merge.prop_attn, **merge.options},
                       "plan_file": merge.plan,
+                      "calibration": quantization.calibration if quantization else None,
+                      "quant_keep": list(quantization.keep) if quantization else [],
                       "timing": asdict(settings), "seed": seed},
             command=command,
         )
@@ -184,14 +205,15 @@ def profile(
                 # backend can run it) and let go before the next is built, so one model
                 # copy lives at a time (a UNet's is gigabytes).
                 runnable = any(not reasons[b] for b in backends)
-                ahead = _Ahead(io, batches if runnable else [], precision, Path(wd), log)
+                ahead = _Ahead(io, batches if runnable else [], precision, Path(wd), log,
+                               quantization)
             built = _build_variants(model, rs, variants, merge, device, precision, ahead)
             with compile_room(len(built)):
                 for batch in batches:
                     ctx = _Batch(model_name, int(batch), precision, device, n_threads,
                                  settings, io, Path(wd), log,
                                  input_feeds(io, batch, settings.input_sets, seed + batch),
-                                 ahead.exports.get(batch, {}) if ahead else {})
+                                 ahead.exports.get(batch, {}) if ahead else {}, quantization)
                     for backend in backends:
                         report.rows += _time_group(ctx, built, graphs, backend,
                                                    reasons[backend])
@@ -224,15 +246,29 @@ class _Ahead:
     precision: str
     out_dir: Path
     log: Log
-    exports: dict[int, dict[tuple[str, float], ExportInfo]] = field(default_factory=dict)
+    quantization: Quantization | None = None
+    exports: dict[int, dict[ExportKey, ExportInfo]] = field(default_factory=dict)
 
     def take(self, var: Variant) -> None:
-        """Export ``var`` at every batch, then let its model go."""
+        """Export ``var`` at every batch (and each row precision), then let its model go."""
         for batch in self.batches if var.model is not None else ():
-            self.log(f"  exporting {var.name} r={var.r:g} batch {batch} to ONNX ...")
-            self.exports.setdefault(int(batch), {})[(var.name, var.r)] = export_variant(
-                var, int(batch), self.io, PRECISIONS[self.precision], self.out_dir)
+            for prec in row_precisions(self.precision):
+                if skip_reason(prec, "onnxrt", var.name):
+                    continue
+                self.log(f"  exporting {var.name} r={var.r:g} batch {batch} to ONNX ({prec}) ...")
+                self.exports.setdefault(int(batch), {})[(var.name, var.r, prec)] = _export(
+                    var, int(batch), self.io, prec, self.out_dir, self.quantization)
         var.model = None
+
+
+ExportKey = tuple[str, float, str]  # (variant, r, precision)
+
+
+def _export(var: Variant, batch: int, io: IOSpec, precision: str, out_dir: Path,
+            quantization: Quantization | None) -> ExportInfo:
+    if quantization is not None and precision == quantization.precision:
+        return export_quantized(var, batch, io, quantization, out_dir)
+    return export_variant(var, batch, io, PRECISIONS[precision], out_dir)
 
 
 def _build_variants(model: nn.Module, rs: Sequence[float], variants: Sequence[str],
@@ -277,7 +313,8 @@ class _Batch:
     out_dir: Path
     log: Log
     feeds: list[dict[str, np.ndarray]]
-    exports: dict[tuple[str, float], ExportInfo] = field(default_factory=dict)
+    exports: dict[ExportKey, ExportInfo] = field(default_factory=dict)
+    quantization: Quantization | None = None
 
 
 def _time_group(ctx: _Batch, built: dict[tuple[str, float], Variant],
@@ -291,16 +328,21 @@ def _time_group(ctx: _Batch, built: dict[tuple[str, float], Variant],
         torch._dynamo.reset()  # compiled graphs of an earlier batch are not reused
     with deactivating([]) as runners:
         for var in built.values():
-            row = Row(ctx.model_name, var.name, backend, ctx.batch, var.r, ctx.precision,
-                      flops_ratio=var.flops_ratio, gmacs=var.gmacs, final_tokens=var.final_tokens)
-            rows.append(row)
-            if var.error or reason:
-                row.skipped = var.error or reason
-                continue
-            _prepare(row, functools.partial(_runner_for, ctx, row, var, backend), ctx, runners,
-                     steps, len(rows) - 1)
+            for prec in row_precisions(ctx.precision):
+                row = Row(ctx.model_name, var.name, backend, ctx.batch, var.r, prec,
+                          flops_ratio=var.flops_ratio, gmacs=var.gmacs,
+                          final_tokens=var.final_tokens)
+                rows.append(row)
+                why = var.error or reason or skip_reason(prec, backend, var.name)
+                if why:
+                    row.skipped = why
+                    continue
+                _prepare(row, functools.partial(_runner_for, ctx, row, var, backend), ctx,
+                         runners, steps, len(rows) - 1)
         for g in graphs if backend in GRAPH_RUNNERS else ():
-            row = Row(ctx.model_name, g.name, backend, ctx.batch, g.r, ctx.precision,
+            # a quantized run has rows of two precisions: a given graph is of its own
+            prec = g.precision if ctx.quantization is not None else ctx.precision
+            row = Row(ctx.model_name, g.name, backend, ctx.batch, g.r, prec,
                       flops_ratio=g.flops_ratio, gmacs=g.gmacs, final_tokens=g.final_tokens,
                       exports=True, forbidden_ops=g.forbidden, graph=str(g.path),
                       graph_precision=g.precision)
@@ -333,15 +375,17 @@ def _prepare(row: Row, make: Callable[[], Runner | None], ctx: _Batch, runners: 
 def _runner_for(ctx: _Batch, row: Row, var: Variant, backend: str) -> Runner | None:
     """The row's runner; for a graph backend, the variant is exported first (once per
     batch), and an export that fails becomes the row's ``skipped`` reason and None."""
-    dtype = PRECISIONS[ctx.precision]
     if backend not in GRAPH_RUNNERS:
+        dtype = PRECISIONS[row.precision]
         # moved and cast in place (exports work from a copy); back on the CPU when done
         return make_runner(backend, model=var.model, input_names=ctx.io.input_names,
                            output_names=ctx.io.output_names, device=ctx.device, dtype=dtype)
-    key = (var.name, var.r)
+    key = (var.name, var.r, row.precision)
     if key not in ctx.exports:
-        ctx.log(f"  exporting {var.name} r={var.r:g} batch {row.batch} to ONNX ...")
-        ctx.exports[key] = export_variant(var, row.batch, ctx.io, dtype, ctx.out_dir)
+        ctx.log(f"  exporting {var.name} r={var.r:g} batch {row.batch} to ONNX "
+                f"({row.precision}) ...")
+        ctx.exports[key] = _export(var, row.batch, ctx.io, row.precision, ctx.out_dir,
+                                   ctx.quantization)
     info = ctx.exports[key]
     row.exports = info.error is None
     row.forbidden_ops = info.forbidden if info.error is None else None

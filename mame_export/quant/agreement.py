@@ -77,7 +77,8 @@ def selection_agreement(fp32_graph: Path, quantized_graph: Path,
     - ``tokens``: of every candidate token in every merge step and sample, the fraction
       with the same fate (kept, or merged into the same target): the headline figure;
     - ``merges``: of every (sample, merging block), the fraction in which all final
-      decisions agree (one token of ~100 that moves makes the whole merge differ).
+      decisions agree (one token of ~100 that moves makes the whole merge differ);
+    - ``by_block``: the token fraction per merging block, in graph order.
 
     Decisions pair by tensor name: the quantizer keeps the names of the nodes it leaves
     alone, but may reorder them. ``"error"``: why the runs could not be paired."""
@@ -102,6 +103,7 @@ def selection_agreement(fp32_graph: Path, quantized_graph: Path,
         finally:
             runner.deactivate()
     same = merges = same_tokens = tokens = 0
+    per_step = {mask: [0, 0] for mask, _ in steps}
     for ref, cand, feed in zip(runs[0], runs[1], feeds, strict=True):
         if ref is None or cand is None:
             return {"error": "the runner could not read its merge decisions"}
@@ -117,9 +119,15 @@ def selection_agreement(fp32_graph: Path, quantized_graph: Path,
             a, b = (token_states(o[mask], o[target]) for o in ours)
             same_tokens += int((a == b).sum())
             tokens += a.size
+            per_step[mask][0] += int((a == b).sum())
+            per_step[mask][1] += a.size
     out: dict[str, Any] = {"same": same, "merges": merges,
                            "fraction": same / merges if merges else 1.0}
     if steps:
         out.update(same_tokens=same_tokens, tokens=tokens,
-                   token_fraction=same_tokens / tokens if tokens else 1.0)
+                   token_fraction=same_tokens / tokens if tokens else 1.0,
+                   # where disagreement starts: once a merge picks other tokens, every
+                   # later block holds other tokens in other places, so it cascades
+                   by_block={str(merge_scope_of(node_of[m])).removesuffix(".mame_merge"):
+                             round(k / n, 4) if n else 1.0 for m, (k, n) in per_step.items()})
     return out

@@ -45,6 +45,22 @@ class Feeds(CalibrationDataReader):
         """A reader over the first ``n`` input sets."""
         return Feeds(self.feeds[:n])
 
+    def rebatched(self, batch: int) -> Feeds:
+        """The same samples in input sets of ``batch`` (for a static-batch graph; the
+        samples are repeated in order when there are fewer than one batch, and a last
+        partial set is left out)."""
+        if not self.feeds:
+            return self
+        names = list(self.feeds[0])
+        stacked = {n: np.concatenate([f[n] for f in self.feeds]) for n in names}
+        total = len(stacked[names[0]])
+        if total < batch:
+            picks = np.arange(batch) % total
+            stacked = {n: a[picks] for n, a in stacked.items()}
+            total = batch
+        return Feeds([{n: np.ascontiguousarray(a[i:i + batch]) for n, a in stacked.items()}
+                      for i in range(0, total - batch + 1, batch)])
+
 
 def find_calib_images(folder: Path, batch: int) -> eval_data.ImageSet:
     """The calibration images of ``folder`` (flat, or class sub-folders; the first

@@ -27,13 +27,15 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from mame_export.errors import UserError
 from mame_export.quant.calib import Feeds
 from mame_export.quant.scope import (
+    KEEP_KEY,
     QUANTIZED_OPS,
     activation_matmuls,
     count_quantized,
     has_scope_metadata,
+    kept_by_pattern,
     merge_nodes,
     merge_scope_of,
-    node_scopes,
+    module_path,
 )
 
 CALIBRATORS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -75,16 +77,26 @@ class QuantSummary:
 
 def quantize_graph(src: Path, dst: Path, feeds: Feeds, precision: str = "int8",
                    method: str = "minmax", calibration: str = "",
-                   external_data: bool = False, report: bool = True) -> QuantSummary:
+                   external_data: bool = False, report: bool = True,
+                   keep: tuple[str, ...] = ()) -> QuantSummary:
     """Write the QDQ form of the fp32 graph ``src`` to ``dst`` (see the module docstring),
     calibrated on ``feeds``; ``report``: measure the per-layer error (SQNR of each
-    quantized tensor against the fp32 graph's) on the first input sets."""
+    quantized tensor against the fp32 graph's) on the first input sets. ``keep``: module
+    path patterns (``blocks.*.mlp.fc2``) whose MatMul/Gemm/Conv stay in high precision too;
+    a pattern that matches no layer is refused."""
     model = onnx.load(str(src), load_external_data=False)
     if not has_scope_metadata(model):
         raise UserError(f"{src.name} has no name-scope metadata (not written by this "
                         "toolkit's exporter): the merge's nodes cannot be found to keep them "
                         "out of quantization; export it again")
-    exclude = merge_nodes(model) + activation_matmuls(model)
+    kept = kept_by_pattern(model, keep)
+    for pattern in keep:
+        if not kept_by_pattern(model, (pattern,)):
+            paths = sorted({module_path(n) for n in model.graph.node
+                            if n.op_type in QUANTIZED_OPS and merge_scope_of(n) is None})
+            raise UserError(f"--quant-keep {pattern!r} matches no MatMul/Gemm/Conv layer of "
+                            f"{src.name}; its layers are e.g. {', '.join(paths[:4])}")
+    exclude = merge_nodes(model) + activation_matmuls(model) + kept
     metadata = {n.name: list(n.metadata_props) for n in model.graph.node}
     del model
     # (Not CalibMaxIntermediateOutputs: ONNX Runtime 1.32 drops the chunks it clears.)
@@ -111,7 +123,12 @@ def quantize_graph(src: Path, dst: Path, feeds: Feeds, precision: str = "int8",
     finally:
         logging.disable(previous)
     out = onnx.load(str(dst), load_external_data=False)
-    if restore_metadata(out, metadata):
+    changed = restore_metadata(out, metadata)
+    if keep:
+        onnx.helper.set_model_props(out, {**{p.key: p.value for p in out.metadata_props},
+                                          KEEP_KEY: ",".join(keep)})
+        changed = True
+    if changed:
         onnx.save(out, str(dst))  # external weights stay where the quantizer wrote them
     quantized, kept, merge_quantized, n_merge = count_quantized(out)
     summary = QuantSummary(precision, method, calibration, quantized, kept, n_merge,
@@ -167,6 +184,5 @@ def layer_errors(src: Path, dst: Path, feeds: Feeds, quantized: onnx.ModelProto
 
 
 def node_scope(node: onnx.NodeProto) -> str:
-    """The innermost module path recorded on ``node`` ('' if none)."""
-    scopes = node_scopes(node)
-    return merge_scope_of(node) or (scopes[-2] if len(scopes) > 1 else "")
+    """The merge scope of ``node``, else the module it was traced in ('' if none)."""
+    return merge_scope_of(node) or module_path(node)

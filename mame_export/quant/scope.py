@@ -17,6 +17,7 @@ that none is quantized.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +31,9 @@ NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # the exporter's node metadata key
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 MERGE_KEPT = "merge (mame_merge scope: exact selection)"
 ATTENTION_KEPT = "activation x activation (attention scores and values)"
+# The graph-level metadata key that records --quant-keep's patterns in a QDQ graph, so the
+# audit can say why those layers were kept without the command line that made the graph.
+KEEP_KEY = "mame_export.quant_keep"
 
 
 class MergeScope(nn.Module):
@@ -84,6 +88,29 @@ def merge_scope_of(node: onnx.NodeProto) -> str | None:
     return None
 
 
+def module_path(node: onnx.NodeProto) -> str:
+    """The module ``node`` was traced in (``blocks.3.mlp.fc2``; '' if none recorded): the
+    innermost name scope, which the exporter follows with the op's own name."""
+    scopes = node_scopes(node)
+    return scopes[-2] if len(scopes) > 1 else ""
+
+
+def kept_by_pattern(model: onnx.ModelProto, patterns: tuple[str, ...]) -> list[str]:
+    """The MatMul/Gemm/Conv nodes outside the merge whose module path matches one of the
+    ``fnmatch`` ``patterns`` (``--quant-keep 'blocks.*.mlp.fc2'``), in graph order."""
+    return [n.name for n in model.graph.node
+            if patterns and n.op_type in QUANTIZED_OPS and merge_scope_of(n) is None
+            and any(fnmatch.fnmatchcase(module_path(n), p) for p in patterns)]
+
+
+def keep_patterns(model: onnx.ModelProto) -> tuple[str, ...]:
+    """The --quant-keep patterns a QDQ graph records (none if it records none)."""
+    for prop in model.metadata_props:
+        if prop.key == KEEP_KEY:
+            return tuple(p for p in prop.value.split(",") if p)
+    return ()
+
+
 def merge_nodes(model: onnx.ModelProto) -> list[str]:
     """The names of the main graph's nodes that belong to a merge (see the module
     docstring), in graph order."""
@@ -123,6 +150,8 @@ def count_quantized(model: onnx.ModelProto) -> tuple[int, dict[str, int], list[s
     done = quantized_nodes(model)
     merge = set(merge_nodes(model))
     attention = set(activation_matmuls(model))
+    patterns = keep_patterns(model)
+    by_pattern = set(kept_by_pattern(model, patterns))
     quantized, kept = 0, {}
     for n in model.graph.node:
         if n.op_type not in QUANTIZED_OPS:
@@ -131,6 +160,7 @@ def count_quantized(model: onnx.ModelProto) -> tuple[int, dict[str, int], list[s
             quantized += 1
             continue
         why = (MERGE_KEPT if n.name in merge else ATTENTION_KEPT if n.name in attention
+               else f"--quant-keep {','.join(patterns)}" if n.name in by_pattern
                else "not quantized by the calibrator")
         kept[why] = kept.get(why, 0) + 1
     return quantized, kept, sorted(done & merge), len(merge)

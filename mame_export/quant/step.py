@@ -48,10 +48,12 @@ def check_quantizable(model: nn.Module, merges: bool, alias: str, precision: str
 def calib_tag(job: Any) -> str:
     """What the graph's file name adds for a quantized graph: the calibrator, and which
     calibration images (``rand``: none given)."""
+    keep = ("-keep" + hashlib.sha256(",".join(job.quant_keep).encode()).hexdigest()[:4]
+            if job.quant_keep else "")
     if job.calib is None:
-        return f"{job.calib_method}-rand"
+        return f"{job.calib_method}-rand{keep}"
     digest = hashlib.sha256(str(Path(job.calib).resolve()).encode()).hexdigest()[:6]
-    return f"{job.calib_method}-{digest}"
+    return f"{job.calib_method}-{digest}{keep}"
 
 
 def quantize_step(job: Any, model: nn.Module, fp32_graph: Path, graph: Path,
@@ -66,7 +68,7 @@ def quantize_step(job: Any, model: nn.Module, fp32_graph: Path, graph: Path,
     log(f"[2b] quantizing to {job.precision} QDQ ({job.calib_method} calibration on {where}; "
         "the merge stays fp32) ...")
     summary = quantize_graph(fp32_graph, graph, feeds, job.precision, job.calib_method,
-                             where, external_data)
+                             where, external_data, keep=job.quant_keep)
     log(summary.summary())
     return summary.to_dict(), feeds
 
