@@ -181,6 +181,14 @@ def test_dry_run_ort_stand_in(dry):
     assert set(rows) == {"baseline", "mame"}
     assert _close(rows["mame"]["speedup"], rows["baseline"]["p50_ms"] / rows["mame"]["p50_ms"])
     assert rows["mame"]["flops_ratio"] < 1
+    # then the same two graphs and their INT8 QDQ twins, all four timed in turns
+    int8 = ort["int8"]
+    assert int8["call"]["exit_code"] == 0 and "--precision int8" in int8["call"]["command"]
+    got = {(r["variant"], r["precision"]): r for r in int8["rows"]}
+    assert set(got) == {(v, p) for v in ("baseline", "mame") for p in ("fp32", "int8")}
+    assert not any(r["skipped"] for r in got.values())
+    mame8 = got[("mame", "int8")]
+    assert _close(mame8["speedup_vs_fp32"], got[("baseline", "fp32")]["p50_ms"] / mame8["p50_ms"])
 
 
 @pytest.mark.slow

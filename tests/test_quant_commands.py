@@ -124,9 +124,16 @@ def test_eval_int8_with_an_empty_calib_folder_is_one_line(tmp_path):
 def test_profile_int8_times_fp32_and_int8_rows_in_one_group(tmp_path, one_thread):
     rc, out, err = run_main("profile", *TINY, "--r", "0.5", "--backends", "torch,onnxrt",
                             "--variants", "baseline,mame", "--precision", "int8",
-                            "--seconds", "0.2", "--min-iters", "3", "--warmup", "1", "--json")
+                            "--seconds", "0.2", "--min-iters", "3", "--warmup", "1", "--json",
+                            "--markdown", str(tmp_path / "page.md"))
     assert rc == 0, err
     rows = json.loads(out)["results"]
+    assert "onnxrt        b1 int8: median" in err  # each progress line names its precision
+    page = (tmp_path / "page.md").read_text()
+    summary = page.split("## Summary")[1].split("##")[0]
+    assert "| precision |" in summary and "| vs fp32 baseline |" in summary
+    assert summary.count("| fp32 |") == summary.count("| int8 |") == 2  # torch, onnxrt
+    assert "- weights: random init (seed 0); latency does not depend" in page
     got = {(r["variant"], r["backend"], r["precision"]): r for r in rows}
     assert set(got) == {(v, b, p) for v in ("baseline", "mame") for b in ("torch", "onnxrt")
                         for p in ("fp32", "int8")}

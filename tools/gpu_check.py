@@ -37,7 +37,9 @@ with its message and the next part runs):
    MaMe r=0.5 under ``torch.compile``.
 4. ``ort``: ``mame-export profile vit_b --backends onnxrt-cuda`` (unmerged and MaMe
    r=0.5, batch 32, fp32), with the parity part's result for the same runner; skipped
-   with the command's reason where ``CUDAExecutionProvider`` cannot run.
+   with the command's reason where ``CUDAExecutionProvider`` cannot run. Then, with
+   budget left, the same with ``--precision int8``: both fp32 graphs and their INT8 QDQ
+   twins (random calibration, the merge in fp32) timed in turns.
 
 Time: each command gets what is left of the budget (default 450 s), less what the ort
 part keeps, and at most its own cap; a command that runs over is stopped (SIGTERM, then

@@ -155,3 +155,27 @@ def part_ort(chk: Any, rec: dict[str, Any]) -> None:
         rec.update(status="skipped", reason=sorted({r["skipped"] for r in rows})[0])
     elif not rec["parity_passed"] or any(r["skipped"] for r in rows):
         rec["status"] = "failed"
+    if rows and not all(r["skipped"] for r in rows):
+        ort_int8(chk, rec, backend)
+
+
+def ort_int8(chk: Any, rec: dict[str, Any], backend: str) -> None:
+    """With budget left: the same graphs and their INT8 QDQ twins (``profile --precision
+    int8``: random calibration, the merge in fp32), all four timed in turns."""
+    cfg = chk.cfg
+    call = chk.cli(profile_args(cfg, cfg.ort_model, (), [PARITY_R], (backend,),
+                                (cfg.ort_batch,), ("baseline", "mame"), "int8"),
+                   min_s=40, cap_s=cfg.cap_s, reserve_s=0.0)
+    got: dict[str, Any] = {"call": call.record()}
+    rec["int8"] = got
+    if call.data is None:
+        got["skipped" if call.skipped else "error"] = call.skipped or call.error
+        chk.log(f"ort int8: {'skipped' if call.skipped else 'ERROR'} "
+                f"({call.skipped or call.error})")
+        return
+    got["rows"] = rows_with_targets(call.data.get("results", []), None)
+    for d in got["rows"]:
+        chk.log(f"ort int8: {d['variant']} {d.get('precision', '')} r={_f(d['r'], 'g')}: "
+                + (f"skipped ({d['skipped']})" if d["skipped"] else
+                   f"p50 {d['median_ms']:.3f} ms, speed-up {_f(d.get('speedup'), '.2f')}, "
+                   f"vs fp32 baseline {_f(d.get('speedup_vs_fp32'), '.2f')}"))

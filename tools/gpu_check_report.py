@@ -7,10 +7,12 @@ from typing import Any
 
 LAT_COLUMNS = (
     ("backend", "backend", ""), ("model", "model", ""), ("batch", "batch", ""),
-    ("variant", "variant", ""), ("r_target", "target", ""), ("r", "r", ".3f"),
+    ("variant", "variant", ""), ("precision", "precision", ""), ("r_target", "target", ""),
+    ("r", "r", ".3f"),
     ("flops_ratio", "MACs ratio", ".3f"), ("p50_ms", "p50 ms", ".3f"),
     ("p90_ms", "p90 ms", ".3f"), ("throughput", "img/s", ".1f"),
-    ("speedup", "speed-up", ".2f"), ("ideal_speedup", "ideal", ".2f"),
+    ("speedup", "speed-up", ".2f"), ("speedup_vs_fp32", "vs fp32", ".2f"),
+    ("ideal_speedup", "ideal", ".2f"),
     ("efficiency", "efficiency", ".0%"), ("iterations", "n", ""),
 )
 
@@ -44,6 +46,8 @@ def _commands(parts: dict[str, Any]) -> list[list[str]]:
                  *(g for g in rec.get("groups", []) if "command" in g)]
         if "call" in rec:
             found.append(rec["call"])
+        if "call" in (rec.get("int8") or {}):
+            found.append(rec["int8"]["call"])
         calls += [[name, f"`{c['command']}`", cell(c.get("exit_code")), cell(c.get("seconds")),
                    cell(c.get("skipped") or c.get("error"))] for c in found]
     return calls
@@ -121,6 +125,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
                          f"{cell(p.get('max_abs_diff'), '.3g')} ({p.get('tolerance')})")
         if ort.get("rows"):
             lines += [""] + row_table(ort["rows"])
+        int8 = ort.get("int8") or {}
+        if int8.get("rows"):
+            lines += ["", "INT8 QDQ graphs beside their fp32 graphs (random calibration; the "
+                      "merge in fp32):", ""] + row_table(int8["rows"])
+        elif int8.get("skipped") or int8.get("error"):
+            lines.append(f"- int8: {int8.get('skipped') or int8.get('error')}")
     commands = _commands(parts)
     if commands:
         lines += ["", "## Commands", ""]

@@ -1,8 +1,14 @@
-"""Benchmark (not a test): full-size transformers encoders with random weights, through
-the command line, then ONNX Runtime CPU latency of the merged graph against the
-unmerged one, timed in turns.
+"""Benchmark (not a test): full-size models with random weights, through the command
+line, then ONNX Runtime CPU latency of the merged graph against the unmerged one, timed
+in turns.
 
     python benchmarks/scripts/hf_fullsize_check.py     # clip_l336 --llava and videomae_l
+    python benchmarks/scripts/hf_fullsize_check.py --models sd15-unet,pixart_sigma_1024 \
+        --img-size pixart_sigma_1024=512 --iters 3 \
+        --out benchmarks/results/diffusion_fullsize_cpu.json
+
+The denoisers run at batch 1 (one denoiser call, no CFG pair); ``--img-size ALIAS=S``
+sets one model's ``--img-size`` (the latent side for UNets, pixels for the ``dit`` family).
 
 For each model: ``mame-export MODEL --r R`` and ``--r 0`` (the unmerged graph of the
 same encoder) with ``--json``: wall time, peak memory of the child, graph size and
@@ -41,7 +47,10 @@ from mame_export.profile import (  # noqa: E402
 from mame_export.runners.factory import make_runner  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = {"clip_l336": ["--llava"], "videomae_l": []}
+MODELS = {"clip_l336": ["--llava"], "videomae_l": []}  # the default --models
+EXTRA = {**MODELS, "sd15-unet": ["--batch", "1"], "sd21-unet": ["--batch", "1"],
+         "sdxl-unet": ["--batch", "1"], "pixart_sigma_1024": ["--batch", "1"],
+         "sd3_medium": ["--batch", "1"]}
 
 
 def export(model: str, r: float, extra: list[str], out: Path) -> dict[str, Any]:
@@ -74,6 +83,7 @@ def export(model: str, r: float, extra: list[str], out: Path) -> dict[str, Any]:
         "tokens_in": meta["plan"]["blocks"][0]["tokens_in"],
         "tokens_out": meta["plan"]["blocks"][-1]["tokens_out"],
         "macs_ratio": round(meta["plan"]["macs"] / meta["plan"]["macs_unpatched"], 4),
+        "gmacs": round(meta["plan"]["macs"] / 1e9, 1),
         "notes": meta["plan"]["notes"], "onnx": meta["onnx"],
     }
 
@@ -108,28 +118,34 @@ def latency(graphs: dict[str, str], threads: int, iters: int) -> dict[str, Any]:
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    lines = ["# Full-size transformers encoders on the CPU (random weights)", "",
+    lines = ["# Full-size models on the CPU (random weights)", "",
              f"`{doc['command']}` on {doc['cpu']}, {doc['threads']} threads; "
              f"versions: {', '.join(f'{k} {v}' for k, v in doc['versions'].items())}.", "",
-             "| model | r | tokens | MACs ratio | wall s | export s | graph MB | nodes | "
-             "audit | parity max abs | ORT median ms | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | size | r | tokens | MACs ratio | wall s | export s | graph MB | nodes | "
+             "audit | parity max abs | ORT median ms | speed-up | FLOPs-ideal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in doc["models"].items():
         lat = m["latency"]
         for key, r in (("unmerged", 0.0), ("mame", doc["r"])):
             e = m[key]
             med = lat.get(key, {}).get("median_ms", "n/a")
             sp = f"{lat['speedup']:.2f}x" if key == "mame" and "speedup" in lat else ""
+            ideal = f"{1 / e['macs_ratio']:.2f}x" if key == "mame" else ""
             lines.append(
-                f"| {name} | {r:g} | {e['tokens_in']} -> {e['tokens_out']} | "
+                f"| {name} | {m.get('img_size') or 'native'} | {r:g} | "
+                f"{e['tokens_in']} -> {e['tokens_out']} | "
                 f"{e['macs_ratio']:.3f} | {e['wall_s']} | {e['export_s']} | "
                 f"{e['onnx_bytes'] / 1e6:.0f} | {e['nodes']} | "
                 f"{'passed' if e['audit_passed'] else 'FAILED'} | "
                 f"{e['parity_max_abs']:.2e} ({'passed' if e['parity_passed'] else 'FAILED'}) | "
-                f"{med} | {sp} |")
+                f"{med} | {sp} | {ideal} |")
     lines += ["", "Latency: ONNX Runtime CPU, batch 1, the two graphs of a model timed in "
               "turns (one call each per round), "
-              f"{doc['iterations']} timed calls each after one warm-up."]
+              f"{doc['iterations']} timed calls each after one warm-up. Tokens: the first "
+              "block's in -> the last block's out (a denoiser's MaRe restores every position "
+              "after each block; its plan's per-block counts are in the JSON's notes). Peak "
+              "memory: the export child's (`child_peak_rss_gib`, the largest so far) and "
+              "this process's while timing (`timing_peak_rss_gib`)."]
     return "\n".join(lines) + "\n"
 
 
@@ -139,19 +155,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--r", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5, help="timed calls per graph")
+    ap.add_argument("--img-size", action="append", default=[], metavar="ALIAS=S",
+                    help="--img-size for one model (repeatable)")
     ap.add_argument("--out", type=Path, default=RESULTS / "hf_fullsize_cpu.json")
     args = ap.parse_args(argv)
+    sizes = dict(item.split("=", 1) for item in args.img_size)
     doc: dict[str, Any] = {**results_header(threads=args.threads), "r": args.r,
                            "iterations": args.iters, "models": {}}
     work = Path(tempfile.mkdtemp(prefix="hf-fullsize-"))
     try:
         for name in args.models.split(","):
-            extra = MODELS.get(name, [])
-            rec = {"unmerged": export(name, 0.0, extra, work),
+            extra = EXTRA.get(name, []) + (["--img-size", sizes[name]] if name in sizes else [])
+            rec: dict[str, Any] = {"img_size": sizes.get(name),
+                                   "unmerged": export(name, 0.0, extra, work),
                    "mame": export(name, args.r, extra, work)}
             print(f"timing {name} on ONNX Runtime CPU ...", file=sys.stderr, flush=True)
             rec["latency"] = latency({"unmerged": rec["unmerged"]["onnx"],
                                       "mame": rec["mame"]["onnx"]}, args.threads, args.iters)
+            rec["timing_peak_rss_gib"] = round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
             for key in ("unmerged", "mame"):
                 rec[key]["onnx"] = Path(rec[key]["onnx"]).name
             doc["models"][name] = rec

@@ -73,16 +73,12 @@ def add_model_args(p: argparse.ArgumentParser, with_export: bool = True) -> None
         g.add_argument("--batch", type=int, default=None,
                        help="static batch size, 1 to 4096 (default 1; 2 for sd21-unet)")
         g.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis")
-        p.add_argument("--precision", choices=GRAPH_PRECISIONS, default="fp32",
-                       help="precision of the graph (default fp32); int8 and fp8 write a QDQ "
-                            "graph (the merge stays fp32; see docs/quantization.md)")
-        p.add_argument("--calib", type=Path, default=None, metavar="DIR",
-                       help="calibration images for int8/fp8 (a folder, read with the "
-                            "model's preprocessing; default: random inputs, with a warning)")
-        p.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax",
-                       help="activation ranges from the calibration: minmax (default), "
-                            "entropy or percentile (ONNX Runtime's calibrators)")
-        add_quant_keep(p)
+        add_precision_options(
+            p, GRAPH_PRECISIONS,
+            "precision of the graph (default fp32); int8 and fp8 write a QDQ graph (the merge "
+            "stays fp32; see docs/quantization.md)",
+            "calibration images for int8/fp8 (a folder, read with the model's preprocessing; "
+            "default: random inputs, with a warning)")
         p.add_argument("--opset", type=int, default=18,
                        help="ONNX opset, 18 to 22 (default 18)")
         p.add_argument("--out", type=Path, default=Path("graphs"),
@@ -179,8 +175,15 @@ def patterns(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def add_quant_keep(p: argparse.ArgumentParser) -> None:
-    """``--quant-keep``: the layers a quantized graph keeps in high precision."""
+def add_precision_options(p: argparse.ArgumentParser, precisions: tuple[str, ...],
+                          precision_help: str, calib_help: str) -> None:
+    """``--precision``, ``--calib``, ``--calib-method`` and ``--quant-keep``, one set for
+    export, eval and profile (each command says what the precision means for it)."""
+    p.add_argument("--precision", choices=precisions, default="fp32", help=precision_help)
+    p.add_argument("--calib", type=Path, default=None, metavar="DIR", help=calib_help)
+    p.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax",
+                   help="int8: activation ranges from the calibration: minmax (default), "
+                        "entropy or percentile (ONNX Runtime's calibrators)")
     p.add_argument("--quant-keep", type=patterns, default=(), metavar="PATTERN[,PATTERN...]",
                    help="int8/fp8: also keep these layers in high precision, by module path "
                         "(fnmatch, e.g. 'blocks.*.mlp.fc2'; the merge always stays fp32)")

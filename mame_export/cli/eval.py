@@ -8,9 +8,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mame_export.cli.common import add_model_command, add_quant_keep, float_list, parse_layers
+from mame_export.cli.common import (
+    add_model_command,
+    add_precision_options,
+    float_list,
+    parse_layers,
+)
 from mame_export.errors import UserError
-from mame_export.settings import CALIB_METHODS
 
 if TYPE_CHECKING:
     from mame_export.request import Job
@@ -67,15 +71,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="use the first N images (spread over classes); UNets without --data: "
                         "N random latents (default 4)")
     p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
-    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                   help="int8: also score the unmerged model and MaMe as INT8 QDQ graphs in "
-                        "ONNX Runtime, beside the fp32 rows (docs/quantization.md)")
-    p.add_argument("--calib", type=Path, default=None, metavar="DIR",
-                   help="int8: calibration images, disjoint from --data (default: random "
-                        "inputs, with a warning)")
-    p.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax",
-                   help="int8: minmax (default), entropy or percentile")
-    add_quant_keep(p)
+    add_precision_options(
+        p, ("fp32", "int8"),
+        "int8: also score the unmerged model and MaMe as INT8 QDQ graphs in ONNX Runtime, "
+        "beside the fp32 rows (docs/quantization.md)",
+        "int8: calibration images, disjoint from --data (default: random inputs, with a "
+        "warning)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON object on stdout (progress goes to stderr)")

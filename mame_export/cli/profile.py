@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from mame_export.cli.common import (
     add_model_command,
-    add_quant_keep,
+    add_precision_options,
     float_list,
     int_list,
     name_list,
@@ -20,7 +20,7 @@ from mame_export.cli.common import (
 )
 from mame_export.cli.plotpath import check_plot_path
 from mame_export.errors import UserError
-from mame_export.settings import CALIB_METHODS, GRAPH_PRECISIONS
+from mame_export.settings import GRAPH_PRECISIONS
 
 if TYPE_CHECKING:  # mame_export.profile imports torch: it loads when the command runs
     from mame_export.families import ModelSpec
@@ -58,15 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int_list, default=None, metavar="N[,N...]",
                    help="batch sizes, 1 to 4096 (default: the model's, 1; 2 for the "
                         "denoisers: CFG)")
-    p.add_argument("--precision", choices=GRAPH_PRECISIONS, default="fp32",
-                   help="fp32 (default), fp16, bf16; int8/fp8 time each variant's fp32 graph "
-                        "and its QDQ graph on the graph backends (the merge stays fp32)")
-    p.add_argument("--calib", type=Path, default=None, metavar="DIR",
-                   help="int8/fp8: calibration images (default: random inputs, with a "
-                        "warning; latency does not depend on them)")
-    p.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax",
-                   help="int8: minmax (default), entropy or percentile")
-    add_quant_keep(p)
+    add_precision_options(
+        p, GRAPH_PRECISIONS,
+        "fp32 (default), fp16, bf16; int8/fp8 time each variant's fp32 graph and its QDQ "
+        "graph on the graph backends (the merge stays fp32)",
+        "int8/fp8: calibration images (default: random inputs, with a warning; latency does "
+        "not depend on them)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch and ONNX Runtime (default: all available)")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: model's)")

@@ -80,7 +80,9 @@ def profile_model(
                  else f"{len(feeds.feeds)} random input set(s)")
         quantization = Quantization(job.precision, job.calib_method, feeds, where,
                                     job.quant_keep)
-    return profile(model, model_name=spec.alias, rs=job.rs, io=job.io, merge=merge,
-                   variants=variants, batches=batches, backends=backends, graphs=graphs,
-                   log=log, precision=job.precision, threads=job.threads,
-                   quantization=quantization, **options)
+    report = profile(model, model_name=spec.alias, rs=job.rs, io=job.io, merge=merge,
+                     variants=variants, batches=batches, backends=backends, graphs=graphs,
+                     log=log, precision=job.precision, threads=job.threads,
+                     quantization=quantization, **options)
+    report.settings["weights"] = built.source
+    return report

@@ -24,15 +24,18 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (model, backend, batch, r): MaMe and ToMe (or ToMe-SD) speed-ups, FLOPs-ideal,
     MaMe / ToMe."""
     out = []
-    index = {(r["model"], r["backend"], r["batch"], r["variant"], r["r"]): r for r in rows}
+    index = {(r["model"], r["backend"], r["batch"], r["variant"], r["r"],
+              r.get("precision")): r for r in rows}
     for r in rows:
         if r["variant"] != "mame":
             continue
         tome = next((index[k] for v in _TOME_VARIANTS
-                     if (k := (r["model"], r["backend"], r["batch"], v, r["r"])) in index), {})
+                     if (k := (r["model"], r["backend"], r["batch"], v, r["r"],
+                               r.get("precision"))) in index), {})
         mame_ms, tome_ms = r.get("median_ms"), tome.get("median_ms")
         out.append({
             "model": r["model"], "backend": r["backend"], "batch": r["batch"], "r": r["r"],
+            "precision": r.get("precision"), "vs_fp32": r.get("speedup_vs_fp32"),
             "mame_speedup": r.get("speedup"), "mame_ideal": r.get("ideal_speedup"),
             "mame_efficiency": r.get("efficiency"), "tome_speedup": tome.get("speedup"),
             "tome_ideal": tome.get("ideal_speedup"),
@@ -52,8 +55,12 @@ _SUMMARY: tuple[Column, ...] = (
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
-    head = [h for _, h, _ in _SUMMARY]
-    body = [[cell(s[k], spec) for k, _, spec in _SUMMARY] for s in summary_rows(rows)]
+    cols = list(_SUMMARY)
+    if len({r.get("precision") for r in rows}) > 1:  # e.g. int8 rows beside their fp32 twins
+        cols[4:4] = [("precision", "precision", "")]
+        cols[-1:-1] = [("vs_fp32", "vs fp32 baseline", ".2f")]
+    head = [h for _, h, _ in cols]
+    body = [[cell(s[k], spec) for k, _, spec in cols] for s in summary_rows(rows)]
     return "\n".join(markdown_table(head, body))
 
 
@@ -91,7 +98,7 @@ def markdown_page(result: dict[str, Any]) -> str:
         f"- device: {result['device']}; CPU: {result['cpu']}; threads: {result['threads']}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- timing: {json.dumps(result['timing'])}",
-        "- weights: random (latency does not depend on weight values)",
+        f"- weights: {_weights(result)}; latency does not depend on weight values",
         "",
         "Speed-ups are against the unpatched model on the same backend and batch, in the same "
         "run. FLOPs-ideal = 1 / MACs ratio; efficiency = speed-up / FLOPs-ideal; "
@@ -109,6 +116,12 @@ def markdown_page(result: dict[str, Any]) -> str:
                   for m, var, ops in exports] + [""]
     lines += ["## All rows", "", format_markdown(result["results"]), ""]
     return "\n".join(lines)
+
+
+def _weights(result: dict[str, Any]) -> str:
+    """The runs' weights ("random" for files written before runs recorded them)."""
+    return ", ".join(dict.fromkeys(str(run.get("weights", "random"))
+                                   for run in result.get("runs") or [{}]))
 
 
 def group_key(row: dict[str, Any]) -> tuple[Any, ...]:

@@ -408,7 +408,7 @@ def _graph_runner(ctx: _Batch, backend: str, path: Path, precision: str) -> Runn
 
 def _log_row(row: Row, log: Log) -> None:
     what = (f"[profile] {row.model} {row.variant:<8} r={cell(row.r, 'g'):<5} "
-            f"{row.backend:<13} b{row.batch}")
+            f"{row.backend:<13} b{row.batch} {row.precision}")
     if row.skipped:
         log(f"{what}: skipped ({row.skipped})")
     else:
