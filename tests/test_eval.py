@@ -141,7 +141,7 @@ def test_every_alias_evaluates_at_tiny_size(alias, llava, data):
         assert "ToMe r=0.5" in rows
     assert ev.table(report).splitlines()[0].startswith("variant")
     if kind == "latents":
-        assert report["kind"] == "unet" and report["images"] == 1
+        assert report["kind"] == "denoiser" and report["images"] == 1
         assert base["rel_l2"] == 0.0 and mame["rel_l2"] > 0.0
         assert len(report["timesteps"]) == 10 and report["timesteps"][-1] == 999
         assert any("seeded random" in n for n in report["notes"])

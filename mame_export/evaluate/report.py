@@ -14,16 +14,24 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
     "encoder": [("cos(feat)", "cosine_features", 4), ("1-NN", "knn_accuracy", 4),
                 ("agree", "knn_agreement", 4), ("probe", "probe_accuracy", 4),
                 ("agree", "probe_agreement", 4)],
-    "unet": [("cos(noise)", "cosine_outputs", 5), ("rel L2", "rel_l2", 5)],
+    "denoiser": [("cos(noise)", "cosine_outputs", 5), ("rel L2", "rel_l2", 5)],
 }
 # The plot's panels per kind, (key, axis label): those with any value are drawn.
 PANELS: dict[str, list[tuple[str, str]]] = {
     "classifier": [("top1", "top-1 accuracy"), ("top1_agreement", "top-1 agreement with unmerged")],
     "encoder": [("probe_accuracy", "linear-probe accuracy"),
                 ("cosine_features", "feature cosine to unmerged")],
-    "unet": [("cosine_outputs", "noise-prediction cosine to unmerged"),
-             ("rel_l2", "relative L2 error of the noise prediction")],
+    "denoiser": [("cosine_outputs", "noise-prediction cosine to unmerged"),
+                 ("rel_l2", "relative L2 error of the noise prediction")],
 }
+_KIND_ALIASES = {"unet": "denoiser"}  # reports written before DiTs joined
+
+
+def _kind(report: dict[str, Any]) -> str:
+    kind = report.get("kind", "classifier")
+    return _KIND_ALIASES.get(kind, kind)
+
+
 MARKERS = {"mame": ("o-", "MaMe"), "mame-plan": ("D", "MaMe, plan file"),
            "tome": ("x--", "ToMe"), "tomesd": ("x--", "ToMe-SD"), "graph": ("*", "graph"),
            "unmerged-int8": ("s", "unmerged, int8"), "mame-int8": ("s-.", "MaMe, int8"),
@@ -36,7 +44,7 @@ def _fmt(v: Any, digits: int) -> str:
 
 def table(report: dict[str, Any]) -> str:
     """A fixed-width table of the variants, then the notes."""
-    cols = COLUMNS[report.get("kind", "classifier")]
+    cols = COLUMNS[_kind(report)]
     rows = report["variants"]
     width = max([14, *(len(r["name"]) for r in rows)])
     lines = [f"{'variant':<{width}} {'MACs':>6} {'r':>6} "
@@ -61,7 +69,7 @@ def plot(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
     from mame_export.artifacts import atomic_write_bytes
 
     rows = report["variants"]
-    panels = [p for p in PANELS[report.get("kind", "classifier")]
+    panels = [p for p in PANELS[_kind(report)]
               if any(r.get(p[0]) is not None for r in rows)] or [("cosine_outputs",
                                                                  "output cosine to unmerged")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)

@@ -71,7 +71,9 @@ def find_data(inputs: Inputs, s: EvalSettings, spec: ModelSpec) -> Any:
 
 
 def kind_of(io: IOSpec, inputs: Inputs) -> str:
-    return "unet" if inputs.kind == "latents" else "classifier" if io.class_scores else "encoder"
+    if inputs.kind == "latents":
+        return "denoiser"
+    return "classifier" if io.class_scores else "encoder"
 
 
 def run_eval(job: Job, s: EvalSettings, log: Log) -> dict[str, Any]:
