@@ -92,6 +92,16 @@ def test_hidden_files_and_special_files_are_skipped(tmp_path):
     assert len(next(ed.load_batches(images, _as_tensor, 4))) == 1
 
 
+def test_a_broken_link_is_refused_not_skipped(tmp_path):
+    write_png(tmp_path / "a.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "gone.png")  # e.g. a renamed .jpg
+    (tmp_path / "c.png").symlink_to(tmp_path / "a.png")  # a good link is followed
+    with pytest.raises(ed.DataError, match=r"b\.png is a broken link .*gone\.png"):
+        ed.find_images(tmp_path)
+    (tmp_path / "b.png").unlink()
+    assert [p.name for p in ed.find_images(tmp_path).paths] == ["a.png", "c.png"]
+
+
 # ---- unreadable folders (item 15) -------------------------------------------------------
 
 

@@ -327,3 +327,30 @@ def test_real_triton_server_serves_the_python_backend_model(served):
         http.close()
         grpc.close()
     assert server.process.poll() is not None  # stopped
+
+
+@pytest.mark.slow
+def test_a_denoiser_graph_gets_its_conditioning_inputs(tmp_path):
+    """The dit family through `triton`: a tiny SD3 graph (MaMe + MaRe, r = 0.5) keeps its
+    four inputs; the (B,) timestep becomes dims [1] reshaped to [] for the model."""
+    pytest.importorskip("diffusers")
+    from helpers import tiny_model
+
+    from mame_export.job import run_export
+    from mame_export.request import ExportRequest
+
+    _, spec = tiny_model("sd3_medium")
+    req = ExportRequest(model=spec.alias, r=0.5, weights="random", out_dir=tmp_path,
+                        parity_batches=1, seed=0, runners=("onnxrt",), dynamic_batch=True)
+    meta = run_export(req, log=lambda _: None, spec=spec)
+    assert meta["ok"], meta
+    code, _, err = run_main("triton", meta["onnx"], "--repo", str(tmp_path / "repo"),
+                            "--name", "sd3", "--device", "cpu", "--max-batch", "2")
+    assert code == 0, err
+    cfg = parse(tmp_path / "repo" / "sd3" / "config.pbtxt")
+    names = [i.name for i in cfg.input]
+    assert names == ["sample", "timestep", "encoder_hidden_states", "pooled_projections"]
+    timestep = cfg.input[1]
+    assert list(timestep.dims) == [1] and list(timestep.reshape.shape) == []
+    assert [o.name for o in cfg.output] == ["out_sample"]
+    assert list(cfg.output[0].dims) == list(cfg.input[0].dims)  # the full latent comes back

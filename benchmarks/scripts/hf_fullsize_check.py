@@ -65,7 +65,14 @@ def export(model: str, r: float, extra: list[str], out: Path) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if proc.returncode not in (0, 1) or not proc.stdout.strip():
-        raise SystemExit(f"mame-export {model} failed with exit {proc.returncode}")
+        # recorded, not raised: e.g. exit -9 when the kernel's OOM killer stops the child
+        print(f"mame-export {model} --r {r:g} failed with exit {proc.returncode}",
+              file=sys.stderr, flush=True)
+        return {"command": "mame-export " + " ".join(cmd[3:-2] + ["--out", "DIR", "--json"]),
+                "exit_code": proc.returncode, "ok": False, "wall_s": round(wall, 1),
+                "child_peak_rss_gib": round(max(peak, before) / 2**20, 2),
+                "error": "killed by SIGKILL (out of memory)" if proc.returncode == -9
+                else f"exit {proc.returncode}"}
     meta = json.loads(proc.stdout)
     parity = meta["parity"]
     return {
@@ -128,6 +135,10 @@ def markdown(doc: dict[str, Any]) -> str:
         lat = m["latency"]
         for key, r in (("unmerged", 0.0), ("mame", doc["r"])):
             e = m[key]
+            if "error" in e:
+                lines.append(f"| {name} | {m.get('img_size') or 'native'} | {r:g} | "
+                             f"{e['error']} after {e['wall_s']} s |" + " |" * 10)
+                continue
             med = lat.get(key, {}).get("median_ms", "n/a")
             sp = f"{lat['speedup']:.2f}x" if key == "mame" and "speedup" in lat else ""
             ideal = f"{1 / e['macs_ratio']:.2f}x" if key == "mame" else ""
@@ -169,13 +180,18 @@ def main(argv: list[str] | None = None) -> int:
             rec: dict[str, Any] = {"img_size": sizes.get(name),
                                    "unmerged": export(name, 0.0, extra, work),
                    "mame": export(name, args.r, extra, work)}
-            print(f"timing {name} on ONNX Runtime CPU ...", file=sys.stderr, flush=True)
-            rec["latency"] = latency({"unmerged": rec["unmerged"]["onnx"],
-                                      "mame": rec["mame"]["onnx"]}, args.threads, args.iters)
-            rec["timing_peak_rss_gib"] = round(
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            if any("error" in rec[key] for key in ("unmerged", "mame")):
+                rec["latency"] = {"skipped": "an export failed"}
+            else:
+                print(f"timing {name} on ONNX Runtime CPU ...", file=sys.stderr, flush=True)
+                rec["latency"] = latency({"unmerged": rec["unmerged"]["onnx"],
+                                          "mame": rec["mame"]["onnx"]}, args.threads,
+                                         args.iters)
+                rec["timing_peak_rss_gib"] = round(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
             for key in ("unmerged", "mame"):
-                rec[key]["onnx"] = Path(rec[key]["onnx"]).name
+                if "onnx" in rec[key]:
+                    rec[key]["onnx"] = Path(rec[key]["onnx"]).name
             doc["models"][name] = rec
             atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")  # after each model
     finally:

@@ -48,9 +48,10 @@ def link_split(photos: Path) -> tuple[Path, Path, list[str], list[str]]:
     for d in (calib, scored):
         d.mkdir(parents=True, exist_ok=True)
     for n in calib_names:
-        for src, dst in ((photos / "flat" / f"{n}.png", calib / f"{n}.png"),
+        flat = next(iter(sorted((photos / "flat").glob(f"{n}.*"))))  # .png or .jpg
+        for src, dst in ((flat, calib / f"{n}{flat.suffix}"),
                          (photos / "views" / n / "v0.png", calib / f"{n}_v0.png")):
-            if not dst.exists():
+            if not dst.is_symlink():
                 dst.symlink_to(src)
     for n in scored_names:
         (scored / n).mkdir(exist_ok=True)

@@ -6,7 +6,8 @@ folder or file):
 - a folder that cannot be listed (permission denied, vanished) is refused;
 - only regular files count (symlinks followed); FIFOs, sockets and devices are skipped
   unopened, so ``--data /proc`` or ``/dev`` cannot block; names starting with ``.`` are
-  skipped (macOS ``._x.jpg`` resource forks, ``.git``);
+  skipped (macOS ``._x.jpg`` resource forks, ``.git``); a symlink whose target is missing
+  is refused (skipping it would silently shrink a calibration or scored set);
 - the number of entries in a folder is not capped (a real class folder may hold a
   million images); the depth is: callers list at most three levels, never recursively;
 - an image over :data:`MAX_IMAGE_PIXELS` is refused before it is decoded (decompression
@@ -73,6 +74,9 @@ def scan(folder: Path) -> tuple[list[Path], list[Path]]:
                         dirs.append(Path(entry.path))
                     elif entry.is_file():
                         files.append(Path(entry.path))
+                    elif entry.is_symlink():  # a link to nothing: not skipped silently
+                        raise DataError(f"{entry.path} is a broken link (its target "
+                                        f"{os.readlink(entry.path)} does not exist)")
                 except OSError:  # vanished or unreadable entry (a /proc process that ended)
                     continue
     except PermissionError:
