@@ -165,6 +165,11 @@ def test_both_sides_show_the_same_decisions(compare_graph):
             assert np.array_equal(outputs["logits"], runner.infer(feeds)["logits"])
             assert len(decisions) == 1 and np.array_equal(decisions[0], negative)
     assert [o.name for o in ort.session.get_outputs()] == ["logits"]  # the graph as it is
+    # one copy of the weights at a time: the decisions' session replaces the main one
+    ort.infer_with_decisions(FEEDS[0])
+    assert ort.session is None and ort._decisions is not None
+    ort.infer(FEEDS[0])
+    assert ort.session is not None and ort._decisions is None
     ort.deactivate()
     compiled = make_runner("torch-compile", model=ClampNegatives(), compile_backend="eager")
     assert compiled.infer_with_decisions(FEEDS[0]) is None  # compiled: nothing to record

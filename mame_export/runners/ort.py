@@ -62,7 +62,10 @@ class OrtRunner(Runner):
         self.name = name or ("onnxrt-cuda" if provider == "cuda" else "onnxrt")
         self.session: Any = None
         self._input_types: dict[str, str] = {}
-        self._decisions: tuple[Any, list[str]] | None = None  # a session, its decisions
+        # The decisions' session, its decision tensors and the graph's own outputs. While it
+        # lives, the main session is released: one copy of the weights at a time (a large
+        # denoiser's fp32 weights are gigabytes; two sessions did not fit 24 GiB).
+        self._decisions: tuple[Any, list[str], list[str]] | None = None
 
     def availability(self) -> tuple[bool, str]:
         return ort_availability(self.provider)
@@ -95,39 +98,49 @@ class OrtRunner(Runner):
         self.session = None  # the session owns its device memory and threads
         self._decisions = None
 
+    def _main(self) -> Any:
+        """The graph's own session (made again, and the decisions' one let go, if the
+        decisions' session had taken its place)."""
+        self.activate()
+        if self.session is None:
+            self._decisions = None
+            self._activate()
+        return self.session
+
     @property
     def input_names(self) -> list[str]:
-        self.activate()
-        return [i.name for i in self.session.get_inputs()]
+        return [i.name for i in self._main().get_inputs()]
 
     def _feeds(self, feeds: Feeds) -> dict[str, np.ndarray]:
         """Each input in the element type the graph declares (fp16 graphs take fp16)."""
         return {k: cast_input(v, self._input_types.get(k)) for k, v in feeds.items()}
 
     def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
-        self.activate()
-        names = [o.name for o in self.session.get_outputs()]
-        outs = self.session.run(names, self._feeds(feeds))
+        session = self._main()
+        names = [o.name for o in session.get_outputs()]
+        outs = session.run(names, self._feeds(feeds))
         return {n: np.asarray(o, dtype=np.float32) for n, o in zip(names, outs, strict=True)}
 
     def infer_with_decisions(self, feeds: Feeds
                              ) -> tuple[dict[str, np.ndarray], list[np.ndarray]] | None:
         """A second session, on a copy of the graph that also outputs its decision tensors
-        (the graph itself is left as it is, so its own run is what parity compares)."""
+        (the graph itself is left as it is, so its own run is what parity compares); the
+        main session is let go while it lives, and made again by the next ``infer``."""
         self.activate()
         if self._decisions is None:
-            graph, names = with_decision_outputs(onnx.load(str(self.path),
-                                                           load_external_data=False))
-            self._decisions = self._session(graph.SerializeToString()), names
-        session, decisions = self._decisions
-        names = [o.name for o in self.session.get_outputs()]
+            names = [o.name for o in self._main().get_outputs()]
+            graph, decisions = with_decision_outputs(onnx.load(str(self.path),
+                                                               load_external_data=False))
+            self.session = None  # released before the copy loads (see __init__)
+            self._decisions = self._session(graph.SerializeToString()), decisions, names
+        session, decisions, names = self._decisions
         fetch = list(dict.fromkeys(names + decisions))
         got = dict(zip(fetch, session.run(fetch, self._feeds(feeds)), strict=True))
         return ({n: np.asarray(got[n], dtype=np.float32) for n in names},
                 [np.asarray(got[n], dtype=bool) for n in decisions])
 
     def _timed_step(self, feeds: Sequence[Feeds]) -> TimedStep:
-        session = self.session
+        session = self._main()
         out_names = [o.name for o in session.get_outputs()]
         staged = [self._feeds(f) for f in feeds]
         if self.provider == "cpu":
