@@ -64,21 +64,20 @@ def export(model: str, r: float, extra: list[str], out: Path) -> dict[str, Any]:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    run = {"command": "mame-export " + " ".join(cmd[3:-3] + ["--out", "DIR", "--json"]),
+           "exit_code": proc.returncode, "wall_s": round(wall, 1),
+           "child_peak_rss_gib": round(max(peak, before) / 2**20, 2)}
     if proc.returncode not in (0, 1) or not proc.stdout.strip():
         # recorded, not raised: e.g. exit -9 when the kernel's OOM killer stops the child
         print(f"mame-export {model} --r {r:g} failed with exit {proc.returncode}",
               file=sys.stderr, flush=True)
-        return {"command": "mame-export " + " ".join(cmd[3:-2] + ["--out", "DIR", "--json"]),
-                "exit_code": proc.returncode, "ok": False, "wall_s": round(wall, 1),
-                "child_peak_rss_gib": round(max(peak, before) / 2**20, 2),
+        return {**run, "ok": False,
                 "error": "killed by SIGKILL (out of memory)" if proc.returncode == -9
                 else f"exit {proc.returncode}"}
     meta = json.loads(proc.stdout)
     parity = meta["parity"]
     return {
-        "command": "mame-export " + " ".join(cmd[3:-2] + ["--out", "DIR", "--json"]),
-        "exit_code": proc.returncode, "ok": meta["ok"], "wall_s": round(wall, 1),
-        "child_peak_rss_gib": round(max(peak, before) / 2**20, 2),
+        **run, "ok": meta["ok"],
         "export_s": meta["export_seconds"], "onnx_bytes": meta["onnx_bytes"],
         "external_data": meta["external_data"], "nodes": meta["audit"]["nodes"],
         "audit_passed": meta["audit"]["passed"],

@@ -39,6 +39,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from int8_dinov2 import WORK, scored_feeds  # noqa: E402
+from int8_scores import fidelity  # noqa: E402
 
 from mame_export.evaluate import data as eval_data  # noqa: E402
 from mame_export.quant import qdq  # noqa: E402
@@ -75,13 +76,8 @@ class Study:
         print(name, json.dumps(row), flush=True)
 
     def score(self, name: str, path: Path, plan: str, extra: dict[str, Any]) -> None:
-        f = self.features(path)
-        cos = (f * self.ref).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(self.ref, axis=1)
-        u = f / np.linalg.norm(f, axis=1, keepdims=True)
-        sim = u @ u.T
-        np.fill_diagonal(sim, -np.inf)
-        row = {"plan": plan, "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-               "knn1": float((self.labels[sim.argmax(1)] == self.labels).mean()), **extra}
+        cos_mean, cos_min, knn = fidelity(self.features(path), self.ref, self.labels)
+        row = {"plan": plan, "cos_mean": cos_mean, "cos_min": cos_min, "knn1": knn, **extra}
         if plan != "r0" and path != fp32_graph(plan):
             a = selection_agreement(fp32_graph(plan), path, self.feeds)
             row["agreement"] = {k: a.get(k) for k in ("token_fraction", "fraction", "by_block")}

@@ -19,6 +19,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from int8_dinov2 import MODEL, scored_feeds  # noqa: E402
 
 
+def fidelity(f: np.ndarray, ref: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    """Features ``f`` against the reference's: (mean and min cosine per image,
+    leave-one-out 1-NN accuracy by cosine)."""
+    cos = (f * ref).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(ref, axis=1)
+    unit = f / np.linalg.norm(f, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    np.fill_diagonal(sim, -np.inf)
+    return float(cos.mean()), float(cos.min()), float((labels[sim.argmax(1)] == labels).mean())
+
+
 def main() -> None:
     graphs_dir, scored, weights, out = (Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3],
                                         Path(sys.argv[4]))
@@ -44,13 +54,9 @@ def main() -> None:
     ref = feats["fp32-unmerged"]
     rows = {}
     for name, f in feats.items():
-        cos = (f * ref).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(ref, axis=1)
-        unit = f / np.linalg.norm(f, axis=1, keepdims=True)
-        sim = unit @ unit.T
-        np.fill_diagonal(sim, -np.inf)
-        knn = float((labels[sim.argmax(1)] == labels).mean())
-        rows[name] = {**graphs[name], "feature_cosine_mean": float(cos.mean()),
-                      "feature_cosine_min": float(cos.min()), "knn_1_accuracy": knn}
+        cos_mean, cos_min, knn = fidelity(f, ref, labels)
+        rows[name] = {**graphs[name], "feature_cosine_mean": cos_mean,
+                      "feature_cosine_min": cos_min, "knn_1_accuracy": knn}
     for plan in ("r0.5", "macs0.5"):
         rows[f"int8-{plan}"]["selection_agreement"] = selection_agreement(
             Path(graphs[f"fp32-{plan}"]["onnx"]), Path(graphs[f"int8-{plan}"]["onnx"]), feeds)
