@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "mame-export": mame_export.__version__}
     for pkg in ("torch", "timm", "numpy", "onnx", "onnxscript", "onnxruntime",
-                "onnxruntime-gpu", "diffusers", "tensorrt", "polygraphy"):
+                "onnxruntime-gpu", "diffusers", "transformers", "tensorrt", "polygraphy"):
         try:
             out[pkg] = importlib_metadata.version(pkg)
         except importlib_metadata.PackageNotFoundError:
