@@ -128,9 +128,9 @@ class OrtRunner(Runner):
         main session is let go while it lives, and made again by the next ``infer``."""
         self.activate()
         if self._decisions is None:
-            names = [o.name for o in self._main().get_outputs()]
-            graph, decisions = with_decision_outputs(onnx.load(str(self.path),
-                                                               load_external_data=False))
+            model = onnx.load(str(self.path), load_external_data=False)
+            names = [o.name for o in model.graph.output]  # no session needed to read them
+            graph, decisions = with_decision_outputs(model)
             self.session = None  # released before the copy loads (see __init__)
             self._decisions = self._session(graph.SerializeToString()), decisions, names
         session, decisions, names = self._decisions
