@@ -775,3 +775,39 @@ def test_published_tables_can_be_measured_in_parts():
         {**merged, "cpu": "x", "versions": {}, "timing": {}})
     with pytest.raises(ValueError, match="device"):
         merge_results({**old, "device": "A100"}, new)
+
+
+def test_cli_graphs_only_one_session_at_a_time(capsys, graphs):
+    """--variants none times the given graphs alone, without building the model, and
+    --one-session loads each graph for every timed call: speed-ups over the first graph,
+    the efficiency only against an unmerged one (g32 has no plan of its own)."""
+    code, out, err = _cli(capsys, *VIT32, "--variants", "none", "--backends", "onnxrt",
+                          "--one-session", "--graph", f"g32={graphs['g32']}",
+                          "--graph", f"dyn={graphs['dyn']}", "--json", *QUICK_ARGS)
+    assert code == 0, err
+    d = json.loads(out)
+    rows = {r["variant"]: r for r in d["results"]}
+    assert set(rows) == {"g32", "dyn"}
+    assert "the model is not built" in err and "exporting" not in err
+    assert "one session at a time (a load per call)" in err
+    assert "  g32: call 2: loaded in " in err and "  dyn: call 2: loaded in " in err
+    assert rows["g32"]["speedup"] == pytest.approx(1.0)
+    assert rows["dyn"]["speedup"] > 0 and rows["dyn"]["ideal_speedup"] == 2.0
+    assert rows["dyn"]["efficiency"] is None  # the reference is not known to be unmerged
+    assert d["settings"]["one_session"] is True and d["settings"]["rs"] == []
+    assert "--variants none" in d["command"] and "--one-session" in d["command"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "none"], "--variants none times given graphs only: add --graph"),
+    (["--variants", "none", "--r", "0.5", "--graph", "{g32}"], "drop --r and --plan"),
+    (["--variants", "none,mame", "--graph", "{g32}"], "it takes no other variant"),
+    (["--r", "0.5", "--one-session", "--backends", "torch,onnxrt"],
+     "--one-session holds one graph session at a time; it applies to the graph backends"),
+])
+def test_cli_graphs_only_and_one_session_refusals(capsys, graphs, argv, message):
+    names = {k: f"{k}={p}" for k, p in graphs.items()}
+    argv = [a.format(**names) for a in argv]
+    backends = [] if "--backends" in argv else ["--backends", "onnxrt"]
+    code, out, err = _cli(capsys, *VIT32, *backends, *argv, *QUICK_ARGS)
+    _one_line_error(code, out, err, message)

@@ -85,6 +85,50 @@ def test_timed_steps_feed_the_shared_timer(relu_graph):
         assert isinstance(samples, np.ndarray) and len(samples) == 3 and (samples > 0).all()
 
 
+class _Counting(OrtRunner):
+    """An ORT runner that counts how many of its kind are loaded at once, and its calls."""
+
+    loaded = 0
+    most = 0
+
+    def __init__(self, path) -> None:
+        super().__init__(path, threads=1, spinning=False)
+        self.calls = 0
+
+    def _activate(self) -> None:
+        super()._activate()
+        type(self).loaded += 1
+        type(self).most = max(type(self).most, type(self).loaded)
+        run = self.session.run
+
+        def counted(*a, **k):
+            self.calls += 1
+            return run(*a, **k)
+
+        self.session.run = counted
+
+    def _deactivate(self) -> None:
+        super()._deactivate()
+        type(self).loaded -= 1
+
+
+def test_reloading_steps_hold_one_session_at_a_time(relu_graph):
+    """Timed in turns, reloading steps never hold two sessions at once; each timed call is
+    one load, ``warmup`` untimed calls and one timed call, and the runner ends let go."""
+    from mame_export.runners import ReloadingStep
+
+    runners = [_Counting(relu_graph) for _ in range(2)]
+    steps = {i: ReloadingStep(r, FEEDS, warmup=2) for i, r in enumerate(runners)}
+    settings = TimingSettings(warmup_iters=5, warmup_s=0.0, min_iters=3, max_iters=3,
+                              budget_s=0.0, input_sets=2)
+    got = measure_interleaved(steps, settings)
+    assert _Counting.most == 1 and _Counting.loaded == 0
+    for i, r in enumerate(runners):
+        assert len(got[i]) == 3 and (got[i] > 0).all()
+        assert r.calls == 3 * (2 + 1)  # the timer's own warm-up (5 calls) is skipped
+        assert len(steps[i].load_s) == 3 and r.session is None
+
+
 @pytest.mark.parametrize("name", ["onnxrt-cuda", "tensorrt"])
 def test_gpu_runners_say_why_they_cannot_run_here(name, relu_graph):
     if torch.cuda.is_available():

@@ -79,11 +79,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="turn off proportional attention (MaMe and ToMe)")
     p.add_argument("--variants", type=name_list, default=None, metavar="V[,V...]",
                    help="baseline, mame, tome (timm ViTs), tomesd (sd-unet), mame-plan "
-                        "(--plan) (default: all that apply to the model)")
+                        "(--plan) (default: all that apply to the model); none: time the "
+                        "--graph files only (no --r; the model is not built where its family "
+                        "can read its inputs without weights; speed-ups over the first graph)")
     p.add_argument("--graph", action="append", default=[], metavar="NAME=PATH",
                    help="also time this exported ONNX graph on the graph backends (repeatable; "
                         "its inputs must be the model's at each batch)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 5)")
+    p.add_argument("--one-session", action="store_true",
+                   help="graph backends: hold one session in memory at a time; every timed "
+                        "call loads its graph, warms it up (--warmup calls, default 1 here) and "
+                        "frees it (for denoisers whose sessions do not fit in memory together; "
+                        "a load per call, so use few --min-iters)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up iterations (default 5; with --one-session, per load: 1)")
     p.add_argument("--min-iters", type=int, default=None,
                    help="timed iterations at least (default 30, or --max-iters if lower)")
     p.add_argument("--max-iters", type=int, default=None,
@@ -115,6 +123,8 @@ def timing_settings(args: argparse.Namespace) -> TimingSettings:
     )
 
     d = TimingSettings()
+    if args.one_session:  # every timed call is a load: one warm-up per load by default
+        d = TimingSettings(warmup_iters=1, warmup_s=0.0)
     min_iters, max_iters = check_profile_iters(args.min_iters, args.max_iters, d.min_iters,
                                                d.max_iters)
     return TimingSettings(
@@ -172,6 +182,7 @@ def command_line(args: argparse.Namespace, spec: ModelSpec) -> str:
         parts += ["--variants", ",".join(args.variants)]
     for g in args.graph:
         parts += ["--graph", g]
+    parts += ["--one-session"] if args.one_session else []
     return shlex.join(parts)
 
 
@@ -207,12 +218,22 @@ def run(args: argparse.Namespace) -> int:
         profile_model,
     )
 
-    if args.r is None and args.plan is None:
+    if args.variants and "none" in args.variants and args.variants != ["none"]:
+        raise UserError("--variants none times the --graph files only; it takes no other "
+                        "variant")
+    graphs_only = args.variants == ["none"]
+    if graphs_only and (args.r is not None or args.plan is not None):
+        raise UserError("--variants none times the --graph files only; drop --r and --plan")
+    if graphs_only and not args.graph:
+        raise UserError("--variants none times given graphs only: add --graph NAME=PATH")
+    if args.r is None and args.plan is None and not graphs_only:
         raise UserError("--r is needed (e.g. --r 0.5), or --plan FILE (see `mame-export "
                         "profile --help`)")
+    variants = [] if graphs_only else args.variants
     check_request([0.0] if args.r is None else args.r, args.backends,
                   [1] if args.batch is None else args.batch,
-                  args.precision, ["baseline"] if args.variants is None else args.variants)
+                  args.precision, ["baseline"] if variants is None else variants,
+                  graphs_only=graphs_only, one_session=args.one_session)
     settings = timing_settings(args)
     graph_args = [parse_graph_arg(g) for g in args.graph]
     if args.plot:
@@ -231,8 +252,9 @@ def run(args: argparse.Namespace) -> int:
     old = _old_results(args, job.threads)
     graphs = [load_graph_variant(name, path) for name, path in graph_args]
     report = profile_model(
-        job, variants=args.variants, batches=args.batch, graphs=graphs, backends=args.backends,
+        job, variants=variants, batches=args.batch, graphs=graphs, backends=args.backends,
         device=args.device, settings=settings, command=command_line(args, job.spec),
+        graphs_only=graphs_only, one_session=args.one_session,
     )
     out = report.to_dict()
     if args.json:

@@ -23,6 +23,7 @@ run), ``models`` (a run from a model spec, any family), ``report`` (rows, tables
 ``pages`` (the published page, results measured in parts), ``plots``.
 """
 
+from mame_export.profile.checks import BACKENDS, check_request
 from mame_export.profile.graphs import (
     GraphVariant,
     check_graph_inputs,
@@ -56,9 +57,7 @@ from mame_export.profile.report import (
     versions,
 )
 from mame_export.profile.run import (
-    BACKENDS,
     PROFILE_TMP_PREFIX,
-    check_request,
     default_threads,
     pin_threads,
     profile,

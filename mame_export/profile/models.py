@@ -10,17 +10,25 @@ import torch
 
 from mame_export.errors import UserError
 from mame_export.families import ModelSpec, get_family
+from mame_export.profile.checks import check_graphs
 from mame_export.profile.graphs import GraphVariant
 from mame_export.profile.report import ProfileReport
-from mame_export.profile.run import Log, check_graphs, profile, stderr_log
+from mame_export.profile.run import Log, profile, stderr_log
 from mame_export.profile.variants import MergeSettings, family_variants
 from mame_export.request import Job, build
 from mame_export.settings import QUANTIZED_PRECISIONS
 
 
-def check_variants(variants: Sequence[str], spec: ModelSpec, plan: bool = False) -> list[str]:
+def check_variants(variants: Sequence[str], spec: ModelSpec, plan: bool = False,
+                   graphs_only: bool = False) -> list[str]:
     """``variants`` if each applies to ``spec``'s family, else a one-line UserError;
-    ``plan``: a plan file was given, so "mame-plan" applies (and is added)."""
+    ``plan``: a plan file was given, so "mame-plan" applies (and is added);
+    ``graphs_only``: no variant at all (given graphs are timed alone)."""
+    if graphs_only:
+        if variants or plan:
+            raise UserError("--variants none times the given graphs only; it takes no other "
+                            "variant and no --plan")
+        return []
     able = family_variants(get_family(spec.family)) + (("mame-plan",) if plan else ())
     variants = [*variants, *(["mame-plan"] if plan and "mame-plan" not in variants else [])]
     bad = [v for v in variants if v not in able]
@@ -40,6 +48,7 @@ def profile_model(
     backends: Sequence[str] = ("torch", "onnxrt"),
     graphs: Sequence[GraphVariant] = (),
     log: Log = stderr_log,
+    graphs_only: bool = False,
     **options: Any,
 ) -> ProfileReport:
     """Build the resolved job's model (seeded random weights unless the job names others)
@@ -50,16 +59,29 @@ def profile_model(
     spec's ``default_batch``: 2 for the UNet). MaMe is applied with the job's settings;
     ``graphs`` are checked against the model's inputs before it is built where the family
     has a skeleton. ``options`` go to :func:`profile` (device, settings, workdir, seed,
-    command); precision and threads are the job's.
+    command, one_session); precision and threads are the job's.
+
+    ``graphs_only``: time the ``graphs`` alone (``variants`` empty); the model is not built
+    where the family has a weightless skeleton to take the inputs from (a denoiser's weights
+    are gigabytes), and speed-ups are over the first graph.
     """
     family, spec, img_size = job.family, job.spec, job.img_size
+    if graphs_only and not graphs:
+        raise UserError("--variants none times given graphs only: add --graph NAME=PATH")
     variants = check_variants(family_variants(family) if variants is None else variants, spec,
-                              plan=job.plan_file is not None)
+                              plan=job.plan_file is not None, graphs_only=graphs_only)
     batches = [job.batch] if batches is None else batches
     skeleton = family.skeleton(spec, img_size) if graphs else None
     if skeleton is not None:  # a graph that does not fit is refused before the build
-        check_graphs(graphs, family.io_spec(spec, skeleton, img_size), batches, backends,
-                     spec.alias)
+        io = family.io_spec(spec, skeleton, img_size)
+        check_graphs(graphs, io, batches, backends, spec.alias)
+        if graphs_only:
+            log(f"profiling {len(graphs)} graph(s) of {spec.alias} (the model is not built)")
+            report = profile(None, model_name=spec.alias, rs=[], io=io, variants=[],
+                             batches=batches, backends=backends, graphs=graphs, log=log,
+                             precision=job.precision, threads=job.threads, **options)
+            report.settings["weights"] = "the graphs' own"
+            return report
     torch.manual_seed(0)  # the same random weights in every run
     built = build(job, log=lambda _m: None, patch=False)
     job, model = built.job, built.model

@@ -98,13 +98,17 @@ class ProfileReport:
         }
 
 
-def add_speedups(rows: list[Row]) -> None:
-    """Speed-up over the baseline on the same model/backend/batch/precision, and efficiency."""
+def add_speedups(rows: list[Row], reference: str = "baseline") -> None:
+    """Speed-up over the ``reference`` variant (the baseline; the first graph of a run that
+    times given graphs only) on the same model/backend/batch/precision, and efficiency."""
     base = {
         (r.model, r.backend, r.batch, r.precision): r.median_ms
         for r in rows
-        if r.variant == "baseline" and r.median_ms
+        if r.variant == reference and r.median_ms
     }
+    # the efficiency (speed-up over the FLOPs-ideal) needs an unmerged reference
+    unmerged = reference == "baseline" or any(
+        r.variant == reference and r.flops_ratio == 1.0 for r in rows)
     for row in rows:
         if row.flops_ratio:
             row.ideal_speedup = 1.0 / row.flops_ratio
@@ -114,7 +118,7 @@ def add_speedups(rows: list[Row]) -> None:
             row.speedup_vs_fp32 = fp32 / row.median_ms
         if row.median_ms and ref:
             row.speedup = ref / row.median_ms
-            if row.ideal_speedup:
+            if row.ideal_speedup and unmerged:
                 row.efficiency = row.speedup / row.ideal_speedup
 
 
@@ -174,7 +178,7 @@ Column = tuple[str, str, str]  # (row key, heading, format spec)
 COLUMNS: tuple[Column, ...] = (
     ("model", "model", ""), ("variant", "variant", ""), ("backend", "backend", ""),
     ("batch", "batch", ""), ("r", "r", "g"), ("median_ms", "median ms", ".2f"),
-    ("p90_ms", "p90 ms", ".2f"), ("p99_ms", "p99 ms", ".2f"), ("throughput", "img/s", ".1f"),
+    ("p90_ms", "p90 ms", ".2f"), ("p99_ms", "p99 ms", ".2f"), ("throughput", "img/s", "rate"),
     ("flops_ratio", "MACs ratio", ".3f"), ("speedup", "speed-up", ".2f"),
     ("ideal_speedup", "ideal", ".2f"), ("efficiency", "efficiency", ".0%"),
 )
@@ -182,9 +186,12 @@ _SUFFIX = {"speedup": "x", "ideal_speedup": "x"}
 
 
 def cell(v: Any, spec: str = "", suffix: str = "") -> str:
-    """One table cell: "-" for None, numbers formatted with ``spec``."""
+    """One table cell: "-" for None, numbers formatted with ``spec`` ("rate": one decimal,
+    or three significant digits below 1, so a denoiser's 0.0187 img/s is not 0.0)."""
     if v is None:
         return "-"
+    if spec == "rate":
+        spec = ".1f" if not isinstance(v, (int, float)) or abs(v) >= 1 else ".3g"
     return (format(v, spec) if spec and isinstance(v, (int, float)) else str(v)) + suffix
 
 

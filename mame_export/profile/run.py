@@ -20,18 +20,9 @@ from mame_export.artifacts import clean_stale_dirs, tmp_prefix
 from mame_export.errors import UserError, stderr_log
 from mame_export.export import PRECISIONS
 from mame_export.families import IOSpec
-from mame_export.profile.graphs import (
-    GraphVariant,
-    check_graph_inputs,
-    check_graph_names,
-    model_input_shapes,
-)
-from mame_export.profile.quantized import (
-    check_quantized_backends,
-    export_quantized,
-    row_precisions,
-    skip_reason,
-)
+from mame_export.profile.checks import check_graphs, check_request
+from mame_export.profile.graphs import GraphVariant, model_input_shapes
+from mame_export.profile.quantized import export_quantized, row_precisions, skip_reason
 from mame_export.profile.report import (
     ProfileReport,
     Row,
@@ -44,7 +35,6 @@ from mame_export.profile.report import (
 )
 from mame_export.profile.timing import TimingSettings, input_feeds, measure_interleaved
 from mame_export.profile.variants import (
-    VARIANTS,
     ExportInfo,
     MergeSettings,
     Variant,
@@ -52,24 +42,15 @@ from mame_export.profile.variants import (
     export_variant,
 )
 from mame_export.quant.graphs import Quantization
-from mame_export.runners import Runner, TimedStep, compile_room, deactivating
+from mame_export.runners import ReloadingStep, Runner, TimedStep, compile_room, deactivating
 from mame_export.runners.factory import (
     EAGER_RUNNERS,
     GRAPH_RUNNERS,
-    RUNNER_NAMES,
-    check_runner_names,
     make_runner,
     runner_availability,
 )
-from mame_export.settings import (
-    QUANTIZED_PRECISIONS,
-    check_batches,
-    check_graph_precision,
-    check_rs,
-    check_threads,
-)
+from mame_export.settings import QUANTIZED_PRECISIONS, check_threads
 
-BACKENDS = RUNNER_NAMES
 # Temporary folders carry the pid (artifacts.tmp_prefix), so a later run removes the ones
 # a killed run left (artifacts.clean_stale_dirs).
 PROFILE_TMP_PREFIX = "mame-profile-"
@@ -104,42 +85,8 @@ def time_rows(rows: Sequence[Row], steps: dict[int, TimedStep],
         rows[i].record(got)
 
 
-def check_request(
-    rs: Sequence[float],
-    backends: Sequence[str],
-    batches: Sequence[int],
-    precision: str,
-    variants: Sequence[str],
-) -> tuple[list[float], list[str]]:
-    """Validate a profile request (UserError with one line); return (rs, backends) cleaned."""
-    rs = check_rs(rs)
-    backends = check_runner_names(backends, BACKENDS, what="backend", flag="--backends")
-    check_batches(batches)
-    check_graph_precision(precision)
-    check_quantized_backends(precision, backends)
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        raise UserError(f"unknown variant(s) {', '.join(bad) or '(none given)'}; choose from "
-                        f"{', '.join(VARIANTS)}")
-    return rs, backends
-
-
-def check_graphs(graphs: Sequence[GraphVariant], io: IOSpec, batches: Sequence[int],
-                 backends: Sequence[str], model_name: str) -> None:
-    """Refuse, before any work, given graphs that cannot be timed beside the model."""
-    if not graphs:
-        return
-    check_graph_names(graphs)
-    if not any(b in GRAPH_RUNNERS for b in backends):
-        raise UserError(f"--graph needs a graph backend ({', '.join(GRAPH_RUNNERS)}) in "
-                        f"--backends; got {', '.join(backends)}")
-    for batch in batches:
-        for g in graphs:
-            check_graph_inputs(g, io, batch, model_name)
-
-
 def profile(
-    model: nn.Module,
+    model: nn.Module | None,
     *,
     model_name: str,
     rs: Sequence[float],
@@ -158,6 +105,7 @@ def profile(
     command: str = "",
     log: Log = stderr_log,
     quantization: Quantization | None = None,
+    one_session: bool = False,
 ) -> ProfileReport:
     """Profile ``model`` (unpatched, left unchanged), its variants and given graphs.
 
@@ -170,8 +118,18 @@ def profile(
     ``workdir`` (a temporary folder by default) and deleted when the batch is done.
     A quantized ``precision`` (int8, fp8) times each variant's fp32 graph and its QDQ
     graph, calibrated as ``quantization`` says (:mod:`mame_export.profile.quantized`).
+
+    Empty ``variants`` times the ``graphs`` only (``model`` may then be None), with
+    speed-ups over the first graph. ``one_session`` (graph backends only) holds one
+    session at a time: every timed call loads its graph, runs ``settings.warmup_iters``
+    untimed calls, times one and frees the session (:class:`ReloadingStep`), for graphs
+    that do not fit in memory together.
     """
-    rs, backends = check_request(rs, backends, batches, precision, variants)
+    graphs_only = not variants
+    if graphs_only and not graphs:
+        raise UserError("nothing to time: no variant and no --graph")
+    rs, backends = check_request(rs, backends, batches, precision, variants,
+                                 graphs_only=graphs_only, one_session=one_session)
     if (quantization is None) != (precision not in QUANTIZED_PRECISIONS):
         raise ValueError(f"precision {precision} and quantization {quantization} disagree")
     check_graphs(graphs, io, batches, backends, model_name)
@@ -194,7 +152,8 @@ def profile(
                       "plan_file": merge.plan,
                       "calibration": quantization.calibration if quantization else None,
                       "quant_keep": list(quantization.keep) if quantization else [],
-                      "timing": asdict(settings), "seed": seed},
+                      "timing": asdict(settings), "seed": seed,
+                      "one_session": one_session},
             command=command,
         )
         reasons = {b: runner_availability(b, device)[1] for b in backends}
@@ -213,7 +172,8 @@ def profile(
                     ctx = _Batch(model_name, int(batch), precision, device, n_threads,
                                  settings, io, Path(wd), log,
                                  input_feeds(io, batch, settings.input_sets, seed + batch),
-                                 ahead.exports.get(batch, {}) if ahead else {}, quantization)
+                                 ahead.exports.get(batch, {}) if ahead else {}, quantization,
+                                 one_session)
                     for backend in backends:
                         report.rows += _time_group(ctx, built, graphs, backend,
                                                    reasons[backend])
@@ -221,7 +181,7 @@ def profile(
                         if info.path is not None:
                             with contextlib.suppress(OSError):
                                 info.path.unlink()
-        add_speedups(report.rows)
+        add_speedups(report.rows, reference="baseline" if not graphs_only else graphs[0].name)
         return report
     finally:
         torch.set_num_threads(threads_before)
@@ -271,13 +231,17 @@ def _export(var: Variant, batch: int, io: IOSpec, precision: str, out_dir: Path,
     return export_variant(var, batch, io, PRECISIONS[precision], out_dir)
 
 
-def _build_variants(model: nn.Module, rs: Sequence[float], variants: Sequence[str],
+def _build_variants(model: nn.Module | None, rs: Sequence[float], variants: Sequence[str],
                     merge: MergeSettings, device: str, precision: str,
                     ahead: _Ahead | None) -> dict[tuple[str, float], Variant]:
-    """Every (variant, r), the baseline first; the baseline's MACs and tokens come from the
+    """Every (variant, r), the baseline first (none, and ``model`` unused, where
+    ``variants`` is empty); the baseline's MACs and tokens come from the
     first plan built (every MaMe and ToMe plan holds the unpatched numbers). With
     ``ahead``, each is exported (and its model let go) before the next is built."""
-    patched = {}
+    patched: dict[tuple[str, float], Variant] = {}
+    if not variants:
+        return patched
+    assert model is not None
     keys = [(v, r) for r in rs for v in variants if v not in ("baseline", "mame-plan")]
     if "mame-plan" in variants:  # its own schedule: one row, at the r it amounts to
         keys.append(("mame-plan", merge.plan_r))
@@ -315,6 +279,7 @@ class _Batch:
     feeds: list[dict[str, np.ndarray]]
     exports: dict[ExportKey, ExportInfo] = field(default_factory=dict)
     quantization: Quantization | None = None
+    one_session: bool = False  # graph runners load for each timed call (ReloadingStep)
 
 
 def _time_group(ctx: _Batch, built: dict[tuple[str, float], Variant],
@@ -353,7 +318,10 @@ def _time_group(ctx: _Batch, built: dict[tuple[str, float], Variant],
             _prepare(row, functools.partial(_graph_runner, ctx, backend, g.path, g.precision),
                      ctx, runners, steps, len(rows) - 1)
         if steps:
-            ctx.log(f"  timing {len(steps)} variant(s) in turns on {backend}, batch {ctx.batch}")
+            how = (", one session at a time (a load per call)" if ctx.one_session
+                   and backend in GRAPH_RUNNERS else "")
+            ctx.log(f"  timing {len(steps)} variant(s) in turns on {backend}, batch "
+                    f"{ctx.batch}{how}")
         time_rows(rows, steps, ctx.settings)
     for row in rows:
         _log_row(row, ctx.log)
@@ -367,7 +335,11 @@ def _prepare(row: Row, make: Callable[[], Runner | None], ctx: _Batch, runners: 
         runner = make()
         if runner is not None:
             runners.append(runner)
-            steps[index] = runner.prepare_timing(ctx.feeds)
+            if ctx.one_session and row.backend in GRAPH_RUNNERS:
+                steps[index] = ReloadingStep(runner, ctx.feeds, ctx.settings.warmup_iters,
+                                             log=lambda m: ctx.log(f"  {row.variant}: {m}"))
+            else:
+                steps[index] = runner.prepare_timing(ctx.feeds)
     except Exception as e:  # noqa: BLE001 - a backend that fails is a row that says why
         row.skipped = f"failed: {one_line(e)}"
 

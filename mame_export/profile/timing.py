@@ -101,7 +101,9 @@ def measure_interleaved(
 ) -> dict[Key, np.ndarray | Exception]:
     """Time several steps in turns; return per-step latencies in ms (or the error it raised).
 
-    Each step is warmed up, then the steps run round-robin, one call each per
+    Each step is warmed up (a step that ``warms_itself`` is not: each of its calls loads and
+    warms its runner, :class:`~mame_export.runners.ReloadingStep`), then the steps run
+    round-robin, one call each per
     round, with the starting step rotating from round to round. A slow drift of
     a shared machine (another process, clock or thermal state) therefore lands
     on every step alike and their ratios stay fair, which timing them one after
@@ -116,7 +118,8 @@ def measure_interleaved(
     active: dict[Key, TimedStep] = {}
     for key, step in steps.items():
         try:
-            _warm_up(step, settings)
+            if not step.warms_itself:
+                _warm_up(step, settings)
             active[key] = step
         except Exception as e:  # noqa: BLE001 - reported per step
             out[key] = e

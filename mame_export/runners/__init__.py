@@ -17,6 +17,7 @@ and sit a layer up, beside the engine builds of ``mame_export.trt.engine``).
 
 from mame_export.runners.base import (
     Feeds,
+    ReloadingStep,
     Runner,
     TimedStep,
     cast_input,
@@ -29,6 +30,7 @@ from mame_export.runners.torch import TorchRunner, compile_room, torch_availabil
 __all__ = [
     "Feeds",
     "OrtRunner",
+    "ReloadingStep",
     "Runner",
     "TimedStep",
     "TorchRunner",

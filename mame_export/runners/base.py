@@ -11,10 +11,11 @@ the runner for a timed step, which owns its synchronisation.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ class TimedStep:
     sync: Callable[[], None] | None = None
     cuda_events: bool = False
     hold: Any = None
+    # True where every timed call warms itself up (ReloadingStep): timers skip their warm-up
+    warms_itself: ClassVar[bool] = False
 
     def wait(self) -> None:
         """Wait for the work the step queued (no-op on the CPU)."""
@@ -57,6 +60,54 @@ class TimedStep:
         self.run(x)
         self.wait()
         return (time.perf_counter() - t0) * 1e3
+
+
+class ReloadingStep(TimedStep):
+    """A step that holds its runner only while it times one call: each ``time_ms`` loads the
+    runner (``prepare_timing``: a session, an engine, the inputs staged), runs ``warmup``
+    untimed calls, times one, and lets the runner go before it returns.
+
+    For graphs whose sessions do not fit in memory together (a denoiser's fp32 weights are
+    gigabytes): timed in turns with other steps, only one is loaded at a time. Loading is
+    not timed; ``load_s`` records each load's seconds, and ``log`` (if given) gets a line
+    per call (a call can take a minute). ``inputs`` are indices into the feeds, which are
+    staged again at every load.
+    """
+
+    warms_itself: ClassVar[bool] = True
+
+    def __init__(self, runner: Runner, feeds: Sequence[Feeds], warmup: int = 1,
+                 log: Callable[[str], None] | None = None) -> None:
+        if len(feeds) < 1 or warmup < 0:
+            raise ValueError("ReloadingStep needs at least one set of inputs and warmup >= 0")
+        super().__init__(run=self._cycle, inputs=list(range(len(feeds))))
+        self.runner, self.feeds, self.warmup, self.log = runner, list(feeds), warmup, log
+        self.load_s: list[float] = []
+
+    def _cycle(self, i: int) -> None:
+        """An untimed load, warm-up and call (what ``run`` means for this step)."""
+        self.time_ms(i)
+
+    def time_ms(self, x: Any) -> float:
+        i = int(x)
+        t0 = time.perf_counter()
+        step: TimedStep | None = self.runner.prepare_timing(self.feeds)
+        try:
+            self.load_s.append(time.perf_counter() - t0)
+            n = len(step.inputs)
+            for k in range(self.warmup):
+                step.run(step.inputs[(i + 1 + k) % n])
+            step.wait()
+            ms = step.time_ms(step.inputs[i % n])
+            if self.log is not None:
+                self.log(f"call {len(self.load_s)}: loaded in {self.load_s[-1]:.1f} s, "
+                         f"{ms:.1f} ms")
+            return ms
+        finally:
+            step = None  # the step holds the session: dropped before the runner lets go
+            self.runner.deactivate()
+            gc.collect()
+            free_cuda_cache()
 
 
 class Runner:
