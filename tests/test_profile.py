@@ -777,13 +777,14 @@ def test_published_tables_can_be_measured_in_parts():
         merge_results({**old, "device": "A100"}, new)
 
 
-def test_cli_graphs_only_one_session_at_a_time(capsys, graphs):
+def test_cli_graphs_only_one_session_at_a_time(capsys, graphs, tmp_path):
     """--variants none times the given graphs alone, without building the model, and
     --one-session loads each graph for every timed call: speed-ups over the first graph,
     the efficiency only against an unmerged one (g32 has no plan of its own)."""
     code, out, err = _cli(capsys, *VIT32, "--variants", "none", "--backends", "onnxrt",
                           "--one-session", "--graph", f"g32={graphs['g32']}",
-                          "--graph", f"dyn={graphs['dyn']}", "--json", *QUICK_ARGS)
+                          "--graph", f"dyn={graphs['dyn']}", "--json", *QUICK_ARGS,
+                          "--markdown", str(tmp_path / "page.md"))
     assert code == 0, err
     d = json.loads(out)
     rows = {r["variant"]: r for r in d["results"]}
@@ -796,6 +797,9 @@ def test_cli_graphs_only_one_session_at_a_time(capsys, graphs):
     assert rows["dyn"]["efficiency"] is None  # the reference is not known to be unmerged
     assert d["settings"]["one_session"] is True and d["settings"]["rs"] == []
     assert "--variants none" in d["command"] and "--one-session" in d["command"]
+    page = (tmp_path / "page.md").read_text()
+    assert page.startswith("# Latency: given graphs") and "## Summary" not in page
+    assert "speed-ups are against the first graph (g32)" in page
 
 
 @pytest.mark.parametrize("argv, message", [

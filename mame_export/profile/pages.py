@@ -91,8 +91,13 @@ def markdown_page(result: dict[str, Any]) -> str:
     })
     commands = result.get("commands") or [result["command"]]
     preset = f" ({result['preset']})" if result.get("preset") else ""
+    # runs of given graphs alone (--variants none): speed-ups over each run's first graph
+    firsts = [next(iter(run.get("graphs") or {}), None) for run in result.get("runs") or []
+              if run.get("variants") == []]
+    summary = summary_rows(result["results"])
     lines = [
-        f"# Latency: baseline vs MaMe vs ToMe{preset}",
+        f"# Latency: {'given graphs' if firsts and not summary else 'baseline vs MaMe vs ToMe'}"
+        f"{preset}",
         "",
         *(f"- command: `{c}`" for c in commands),
         f"- device: {result['device']}; CPU: {result['cpu']}; threads: {result['threads']}",
@@ -105,11 +110,14 @@ def markdown_page(result: dict[str, Any]) -> str:
         "MaMe vs ToMe = ToMe (ToMe-SD for a UNet) latency / MaMe latency (> 1: MaMe is "
         "faster).",
         "",
-        "## Summary",
-        "",
-        summary_markdown(result["results"]),
-        "",
     ]
+    if firsts:
+        lines[-1:-1] = [
+            "", "Runs of given graphs alone (`--variants none`): speed-ups are against the first "
+            f"graph ({', '.join(dict.fromkeys(str(f) for f in firsts))}); efficiency only "
+            "where that graph is unmerged."]
+    if summary:
+        lines += ["## Summary", "", summary_markdown(result["results"]), ""]
     if exports:
         lines += ["## Forbidden ops in the exported graphs", ""]
         lines += [f"- {m} {var}: {ops if ops != '{}' else 'none (static graph)'}"

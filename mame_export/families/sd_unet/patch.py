@@ -215,7 +215,7 @@ class SdUNetPatcher(Patcher):
         notes.append(f"merges: {sum(b.merges for b in blocks)} of {len(blocks)} blocks, at "
                      f"{', '.join(g for g in by_grid if g in merging) or 'no grid'} (default: "
                      "every block; on SDXL both attention levels measured faster merged, "
-                     "docs/diffusion.md)")
+                     "alone and inside the whole UNet at 1024 px, docs/diffusion.md)")
         if merge_crossattn or merge_mlp:
             notes.append(f"also merged: cross-attention={merge_crossattn}, "
                          f"feed-forward={merge_mlp}")
