@@ -38,13 +38,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="result JSON")
     args = p.parse_args(argv)
-    for g in args.graphs:
-        name, sep, path = g.partition("=")
-        if not sep or not name or not Path(path).is_file():
-            p.error(f"expected NAME=PATH to an existing .onnx file; got {g!r}")
+    check_graph_args(p, args.graphs)
     if args.rounds < 1 or args.calls < 1:
         p.error("--rounds and --calls must be at least 1")
     return args
+
+
+def check_graph_args(p: argparse.ArgumentParser, graphs: list[str]) -> None:
+    """Each NAME=PATH names an existing file (else the parser's error, exit 2)."""
+    for g in graphs:
+        name, sep, path = g.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            p.error(f"expected NAME=PATH to an existing .onnx file; got {g!r}")
+
+
+def run_header(args: argparse.Namespace, ort: object) -> dict:
+    """What every result of these scripts starts with: command, CPU, threads, load, versions."""
+    return {
+        "command": " ".join(["python", *sys.argv]), "cpu": platform.processor() or "",
+        "threads": args.threads, "load_avg": list(os.getloadavg()),
+        "versions": {"onnxruntime": getattr(ort, "__version__", "?"),
+                     "numpy": np.__version__, "python": platform.python_version()},
+    }
 
 
 def inputs_for(session, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -68,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     graphs = [tuple(g.split("=", 1)) for g in args.graphs]
     rng = np.random.default_rng(args.seed)
     record: dict = {
-        "command": " ".join(["python", *sys.argv]), "cpu": platform.processor() or "",
-        "threads": args.threads, "load_avg": list(os.getloadavg()),
-        "versions": {"onnxruntime": ort.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "rounds": args.rounds, "calls_per_load": args.calls,
+        **run_header(args, ort), "rounds": args.rounds, "calls_per_load": args.calls,
         "graphs": {name: {"path": path, "load_s": [], "warmup_ms": [], "ms": []}
                    for name, path in graphs},
     }

@@ -26,8 +26,6 @@ import argparse
 import ast
 import gc
 import json
-import os
-import platform
 import re
 import resource
 import sys
@@ -39,7 +37,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ort_alternate_sessions import inputs_for  # noqa: E402 - the sibling script's inputs
+from ort_alternate_sessions import (  # noqa: E402 - the sibling script's inputs and header
+    check_graph_args,
+    inputs_for,
+    run_header,
+)
 
 REPEATED = ("attentions", "transformer_blocks", "resnets", "blocks", "single_transformer_blocks")
 LAYOUT = re.compile(r"^(Reorder(Input|Output)|Transpose_token)")
@@ -59,10 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="result JSON")
     p.add_argument("--markdown", default=None, help="also write this table")
     args = p.parse_args(argv)
-    for g in args.graphs:
-        name, sep, path = g.partition("=")
-        if not sep or not name or not Path(path).is_file():
-            p.error(f"expected NAME=PATH to an existing .onnx file; got {g!r}")
+    check_graph_args(p, args.graphs)
     if min(args.rounds, args.calls, args.depth) < 1 or args.warmup < 0:
         p.error("--rounds, --calls and --depth must be at least 1, --warmup at least 0")
     return args
@@ -137,11 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     graphs = [tuple(g.split("=", 1)) for g in args.graphs]
     rng = np.random.default_rng(args.seed)
     record: dict = {
-        "command": " ".join(["python", *sys.argv]), "cpu": platform.processor() or "",
-        "threads": args.threads, "load_avg": list(os.getloadavg()),
-        "versions": {"onnxruntime": ort.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "rounds": args.rounds, "calls_per_load": args.calls, "warmup_per_load": args.warmup,
+        **run_header(args, ort), "rounds": args.rounds, "calls_per_load": args.calls,
+        "warmup_per_load": args.warmup,
         "depth": args.depth, "strip": args.strip, "graphs": {},
     }
     groups = {name: node_groups(path, args.depth, args.strip) for name, path in graphs}
