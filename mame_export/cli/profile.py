@@ -224,8 +224,6 @@ def run(args: argparse.Namespace) -> int:
     graphs_only = args.variants == ["none"]
     if graphs_only and (args.r is not None or args.plan is not None):
         raise UserError("--variants none times the --graph files only; drop --r and --plan")
-    if graphs_only and not args.graph:
-        raise UserError("--variants none times given graphs only: add --graph NAME=PATH")
     if args.r is None and args.plan is None and not graphs_only:
         raise UserError("--r is needed (e.g. --r 0.5), or --plan FILE (see `mame-export "
                         "profile --help`)")
